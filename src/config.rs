@@ -1,0 +1,1 @@
+//! Edge configuration: TOML file, CLI overrides, validation.

@@ -1,0 +1,1 @@
+//! A minimal WHEP viewer on str0m, used by `demo --check` to prove video flows.
