@@ -1,1 +1,1234 @@
-//! SFU core
+//! The SFU core of edgerelay, on str0m, sans-IO.
+//!
+//! The driver feeds datagrams and time in ([`Sfu::handle_datagram`],
+//! [`Sfu::handle_timeout`]) and takes datagrams and events out
+//! ([`Sfu::poll_transmit`], [`Sfu::poll_event`], [`Sfu::poll_timeout`]).
+//! No socket, no clock, no thread lives here, so every rule is testable in memory.
+//!
+//! A [`Sfu`] holds rooms; a room holds one publisher (the instance) and any
+//! number of viewers. RTP is forwarded in str0m's RTP mode: one shared payload
+//! per incoming packet, a renumbered header and an SRTP seal per viewer.
+
+#![deny(clippy::unwrap_used)]
+
+mod codec;
+mod gop;
+mod peer;
+mod room;
+mod slab;
+mod stats;
+mod stun;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::channel::ChannelData;
+use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tracing::{debug, info, warn};
+
+pub use codec::is_keyframe;
+pub use gop::{CachedPacket, GopCache, Pushed, Timeline};
+pub use peer::Role;
+pub use slab::Key as PeerId;
+pub use stats::SfuStats;
+pub use str0m::net::Transmit;
+
+use peer::{Peer, TrackOut};
+use room::{Room, VIDEO};
+use slab::{Key, Slab};
+
+/// Tunables of the SFU core; defaults suit a cloud-streaming edge.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Host candidates offered to every peer (the edge's public media addresses).
+    pub candidates: Vec<SocketAddr>,
+    /// At most one upstream keyframe request per room per this interval.
+    pub keyframe_throttle: Duration,
+    /// After a viewer is served the cached GOP, its keyframe requests are
+    /// answered by that cache for this long instead of reaching the publisher.
+    pub cache_grace: Duration,
+    /// Most viewers in one room.
+    pub max_viewers_per_room: usize,
+    /// Per-viewer bandwidth estimation (TWCC) with pause/resume of video.
+    pub bwe: bool,
+    /// Initial bandwidth estimate for a viewer, bits per second.
+    pub bwe_initial_bps: u64,
+    /// Label of the data channel that carries viewer input to the publisher.
+    pub control_label: String,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        SfuConfig {
+            candidates: Vec::new(),
+            keyframe_throttle: Duration::from_millis(300),
+            cache_grace: Duration::from_secs(2),
+            max_viewers_per_room: 10_000,
+            bwe: true,
+            bwe_initial_bps: 5_000_000,
+            control_label: "control".to_string(),
+        }
+    }
+}
+
+/// Why a signalling request was refused. Each maps to one HTTP status.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SfuError {
+    /// The SDP could not be parsed or negotiated (400).
+    #[error("invalid SDP: {0}")]
+    BadSdp(String),
+    /// No such room (404).
+    #[error("room '{0}' not found")]
+    RoomNotFound(String),
+    /// The room already has a publisher (409).
+    #[error("room '{0}' already has a publisher")]
+    PublisherBusy(String),
+    /// The room already has a controller (409).
+    #[error("room '{0}' already has a controller")]
+    ControllerTaken(String),
+    /// The room is at its viewer limit (503).
+    #[error("room '{0}' is full")]
+    RoomFull(String),
+    /// No such peer, or it has gone (404).
+    #[error("unknown session")]
+    UnknownPeer,
+    /// The peer is not waiting for an answer (409).
+    #[error("no offer pending for this session")]
+    NoPendingOffer,
+}
+
+/// How a viewer wants to join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleRequest {
+    /// Controller if the room has none, else spectator.
+    Auto,
+    /// Controller or fail.
+    Controller,
+    /// Spectator.
+    Spectator,
+}
+
+/// Result of a successful publish or view.
+#[derive(Debug)]
+pub struct Joined {
+    /// The new peer.
+    pub peer: PeerId,
+    /// Its role in the room.
+    pub role: Role,
+    /// SDP answer (or offer, for [`Sfu::view_offer`]).
+    pub sdp: String,
+}
+
+/// What happened, for the driver's logs, metrics and signalling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuEvent {
+    /// ICE and DTLS completed for a peer.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+        /// Its room.
+        room: String,
+        /// Its role.
+        role: Role,
+    },
+    /// A peer is gone (closed, timed out, or removed).
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+        /// Its room.
+        room: String,
+        /// Its role.
+        role: Role,
+    },
+    /// A room was created by its first publisher.
+    RoomOpened {
+        /// The room.
+        room: String,
+    },
+    /// The last peer of a room left.
+    RoomClosed {
+        /// The room.
+        room: String,
+    },
+}
+
+/// The SFU core: rooms, peers and the packet paths between them.
+pub struct Sfu {
+    cfg: SfuConfig,
+    peers: Slab<Peer>,
+    rooms: Slab<Room>,
+    room_by_name: HashMap<String, Key>,
+    by_ufrag: HashMap<String, Key>,
+    by_addr: HashMap<(SocketAddr, SocketAddr), Key>,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SfuEvent>,
+    dirty: Vec<Key>,
+    dead: Vec<Key>,
+    last_now: Option<Instant>,
+    stats: SfuStats,
+    seq_seed: u64,
+}
+
+impl Sfu {
+    /// A new, empty SFU.
+    pub fn new(cfg: SfuConfig) -> Self {
+        Sfu {
+            cfg,
+            peers: Slab::default(),
+            rooms: Slab::default(),
+            room_by_name: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            timers: BinaryHeap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            dirty: Vec::new(),
+            dead: Vec::new(),
+            last_now: None,
+            stats: SfuStats::default(),
+            seq_seed: 0,
+        }
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &SfuStats {
+        &self.stats
+    }
+
+    /// Number of rooms.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Number of peers (publishers and viewers).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Number of viewers across rooms.
+    pub fn viewer_count(&self) -> usize {
+        self.rooms.iter().map(|(_, r)| r.viewers.len()).sum()
+    }
+
+    /// True if the room exists and its publisher is connected.
+    pub fn publisher_connected(&self, room: &str) -> bool {
+        self.room_by_name
+            .get(room)
+            .and_then(|k| self.rooms.get(*k))
+            .and_then(|r| r.publisher)
+            .and_then(|p| self.peers.get(p))
+            .is_some_and(|p| p.connected)
+    }
+
+    /// Names of the rooms and whether each has a connected publisher.
+    pub fn rooms(&self) -> Vec<(String, bool, usize)> {
+        self.rooms
+            .iter()
+            .map(|(_, r)| {
+                let up = r
+                    .publisher
+                    .and_then(|p| self.peers.get(p))
+                    .is_some_and(|p| p.connected);
+                (r.name.clone(), up, r.viewers.len())
+            })
+            .collect()
+    }
+
+    /// Role and room of a peer.
+    pub fn peer_info(&self, peer: PeerId) -> Option<(String, Role)> {
+        let p = self.peers.get(peer)?;
+        let r = self.rooms.get(p.room)?;
+        Some((r.name.clone(), p.role))
+    }
+
+    fn rtc_config(&self, viewer: bool) -> RtcConfig {
+        let mut c = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_vp8(true)
+            .enable_vp9(true)
+            .enable_av1(true)
+            .enable_opus(true, false)
+            .set_stats_interval(None);
+        if viewer && self.cfg.bwe {
+            c = c.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
+        }
+        c
+    }
+
+    fn new_rtc(&self, now: Instant, viewer: bool) -> Rtc {
+        let mut rtc = self.rtc_config(viewer).build(now);
+        for addr in &self.cfg.candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, "cannot use media address as ICE candidate: {e}"),
+            }
+        }
+        rtc
+    }
+
+    fn parse_offer(offer: &str) -> Result<SdpOffer, SfuError> {
+        if offer.trim().is_empty() {
+            return Err(SfuError::BadSdp("empty offer".into()));
+        }
+        SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))
+    }
+
+    /// Accepts a publisher's SDP offer (WHIP) for `room`, creating the room.
+    pub fn publish(&mut self, now: Instant, room: &str, offer: &str) -> Result<Joined, SfuError> {
+        self.tick_clock(now);
+        if let Some(rk) = self.room_by_name.get(room) {
+            if self.rooms.get(*rk).is_some_and(|r| r.publisher.is_some()) {
+                return Err(SfuError::PublisherBusy(room.to_string()));
+            }
+        }
+        let offer = Self::parse_offer(offer)?;
+        let mut rtc = self.new_rtc(now, false);
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        if !answer_has_direction(&answer, &[Direction::RecvOnly, Direction::SendRecv]) {
+            return Err(SfuError::BadSdp(
+                "the offer has no audio or video to publish (sendonly/sendrecv)".into(),
+            ));
+        }
+        let rk = self.room_key_or_create(room);
+        let key = self.insert_peer(now, rtc, rk, Role::Publisher);
+        if let Some(r) = self.rooms.get_mut(rk) {
+            r.publisher = Some(key);
+            r.epoch = r.epoch.wrapping_add(1);
+            // Every viewer restarts from the new publisher's first keyframe.
+            for v in r.viewers.clone() {
+                if let Some(p) = self.peers.get_mut(v) {
+                    for t in p.tracks.iter_mut().flatten() {
+                        t.needs_start = true;
+                    }
+                }
+            }
+        }
+        info!(room, peer = key.as_u64(), "publisher joined");
+        self.mark_dirty(key);
+        self.run_dirty(now);
+        Ok(Joined {
+            peer: key,
+            role: Role::Publisher,
+            sdp: answer.to_sdp_string(),
+        })
+    }
+
+    /// Accepts a viewer's SDP offer (WHEP) for an existing room.
+    pub fn view(
+        &mut self,
+        now: Instant,
+        room: &str,
+        offer: &str,
+        request: RoleRequest,
+    ) -> Result<Joined, SfuError> {
+        self.tick_clock(now);
+        let (rk, role) = self.admit_viewer(room, request)?;
+        let offer = Self::parse_offer(offer)?;
+        let mut rtc = self.new_rtc(now, true);
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        if !answer_has_direction(&answer, &[Direction::SendOnly, Direction::SendRecv]) {
+            return Err(SfuError::BadSdp(
+                "the offer has no audio or video to receive (recvonly/sendrecv)".into(),
+            ));
+        }
+        let key = self.insert_peer(now, rtc, rk, role);
+        self.attach_viewer(rk, key, role);
+        self.mark_dirty(key);
+        self.run_dirty(now);
+        Ok(Joined {
+            peer: key,
+            role,
+            sdp: answer.to_sdp_string(),
+        })
+    }
+
+    /// Creates a viewer for which the edge makes the offer (the WebSocket flow):
+    /// video, audio if asked, and an SCTP section. Complete with [`Sfu::accept_answer`].
+    pub fn view_offer(
+        &mut self,
+        now: Instant,
+        room: &str,
+        request: RoleRequest,
+        audio: bool,
+    ) -> Result<Joined, SfuError> {
+        self.tick_clock(now);
+        let (rk, role) = self.admit_viewer(room, request)?;
+        let mut rtc = self.new_rtc(now, true);
+        let mut change = rtc.sdp_api();
+        change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        if audio {
+            change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        }
+        change.add_channel(self.cfg.control_label.clone());
+        let Some((offer, pending)) = change.apply() else {
+            return Err(SfuError::BadSdp("nothing to offer".into()));
+        };
+        let key = self.insert_peer(now, rtc, rk, role);
+        if let Some(p) = self.peers.get_mut(key) {
+            p.pending_offer = Some(pending);
+        }
+        self.attach_viewer(rk, key, role);
+        Ok(Joined {
+            peer: key,
+            role,
+            sdp: offer.to_sdp_string(),
+        })
+    }
+
+    /// Applies the remote answer to an offer from [`Sfu::view_offer`].
+    pub fn accept_answer(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        answer: &str,
+    ) -> Result<(), SfuError> {
+        self.tick_clock(now);
+        let p = self.peers.get_mut(peer).ok_or(SfuError::UnknownPeer)?;
+        let pending = p.pending_offer.take().ok_or(SfuError::NoPendingOffer)?;
+        let answer = match SdpAnswer::from_sdp_string(answer) {
+            Ok(a) => a,
+            Err(e) => {
+                p.pending_offer = Some(pending);
+                return Err(SfuError::BadSdp(e.to_string()));
+            }
+        };
+        p.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        self.mark_dirty(peer);
+        self.run_dirty(now);
+        Ok(())
+    }
+
+    /// Adds a trickled remote ICE candidate (`candidate:...` SDP attribute value).
+    pub fn add_remote_candidate(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        candidate: &str,
+    ) -> Result<(), SfuError> {
+        self.tick_clock(now);
+        let p = self.peers.get_mut(peer).ok_or(SfuError::UnknownPeer)?;
+        let line = candidate.trim().trim_start_matches("a=");
+        let c = Candidate::from_sdp_string(line)
+            .map_err(|e| SfuError::BadSdp(format!("bad candidate: {e}")))?;
+        p.rtc.add_remote_candidate(c);
+        self.mark_dirty(peer);
+        self.run_dirty(now);
+        Ok(())
+    }
+
+    /// Ends a peer's session (WHIP/WHEP DELETE, socket closed).
+    pub fn remove_peer(&mut self, now: Instant, peer: PeerId) -> Result<(), SfuError> {
+        self.tick_clock(now);
+        if self.peers.get(peer).is_none() {
+            return Err(SfuError::UnknownPeer);
+        }
+        self.drop_peer(peer);
+        Ok(())
+    }
+
+    fn admit_viewer(&mut self, room: &str, request: RoleRequest) -> Result<(Key, Role), SfuError> {
+        let rk = *self
+            .room_by_name
+            .get(room)
+            .ok_or_else(|| SfuError::RoomNotFound(room.to_string()))?;
+        let r = self
+            .rooms
+            .get(rk)
+            .ok_or_else(|| SfuError::RoomNotFound(room.to_string()))?;
+        if r.viewers.len() >= self.cfg.max_viewers_per_room {
+            return Err(SfuError::RoomFull(room.to_string()));
+        }
+        let role = match (request, r.controller) {
+            (RoleRequest::Auto, None) | (RoleRequest::Controller, None) => Role::Controller,
+            (RoleRequest::Controller, Some(_)) => {
+                return Err(SfuError::ControllerTaken(room.to_string()))
+            }
+            _ => Role::Spectator,
+        };
+        Ok((rk, role))
+    }
+
+    fn attach_viewer(&mut self, rk: Key, key: Key, role: Role) {
+        if let Some(r) = self.rooms.get_mut(rk) {
+            r.viewers.push(key);
+            if role == Role::Controller {
+                r.controller = Some(key);
+            }
+            info!(room = %r.name, peer = key.as_u64(), role = role.as_str(), viewers = r.viewers.len(), "viewer joined");
+        }
+    }
+
+    fn room_key_or_create(&mut self, room: &str) -> Key {
+        if let Some(k) = self.room_by_name.get(room) {
+            return *k;
+        }
+        let k = self.rooms.insert_with(|_| Room::new(room.to_string()));
+        self.room_by_name.insert(room.to_string(), k);
+        self.events.push_back(SfuEvent::RoomOpened {
+            room: room.to_string(),
+        });
+        k
+    }
+
+    fn insert_peer(&mut self, now: Instant, mut rtc: Rtc, room: Key, role: Role) -> Key {
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        self.seq_seed = self
+            .seq_seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let seq_start = 1 + (self.seq_seed >> 50);
+        let key = self.peers.insert_with(|_| Peer {
+            rtc,
+            room,
+            role,
+            ufrag: ufrag.clone(),
+            addrs: Vec::new(),
+            next_timeout: None,
+            connected: false,
+            dirty: false,
+            needs_tick: false,
+            channels: Vec::new(),
+            pending_offer: None,
+            tracks: [None, None],
+            cache_grace_until: None,
+            video_paused: false,
+            bwe_bps: None,
+            ssrc_map: Vec::new(),
+            seq_start,
+        });
+        self.by_ufrag.insert(ufrag, key);
+        key
+    }
+
+    fn tick_clock(&mut self, now: Instant) {
+        if self.last_now.is_none_or(|t| now > t) {
+            self.last_now = Some(now);
+        }
+    }
+
+    /// Feeds one received UDP datagram. Returns false if no peer took it
+    /// (unknown source, malformed), which the driver counts and drops.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        self.tick_clock(now);
+        let is_stun = stun::is_stun(data);
+        let key = match self.by_addr.get(&(source, destination)) {
+            Some(k) => *k,
+            None => {
+                let found = if is_stun {
+                    stun::local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied())
+                } else {
+                    None
+                };
+                match found {
+                    Some(k) => k,
+                    None => {
+                        self.stats.dropped_unknown_source += 1;
+                        return false;
+                    }
+                }
+            }
+        };
+        let Ok(recv) = Receive::new(Protocol::Udp, source, destination, data) else {
+            self.stats.dropped_malformed += 1;
+            return false;
+        };
+        let Some(p) = self.peers.get_mut(key) else {
+            self.by_addr.remove(&(source, destination));
+            self.stats.dropped_unknown_source += 1;
+            return false;
+        };
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += data.len() as u64;
+        if let Err(e) = p.rtc.handle_input(Input::Receive(now, recv)) {
+            debug!(peer = key.as_u64(), "input rejected: {e}");
+            self.stats.dropped_malformed += 1;
+            return false;
+        }
+        if is_stun && p.addrs.len() < 8 && !p.addrs.contains(&(source, destination)) {
+            p.addrs.push((source, destination));
+            self.by_addr.insert((source, destination), key);
+        }
+        self.mark_dirty(key);
+        self.poll_peer(now, key);
+        true
+    }
+
+    /// Advances time: fires str0m timers and pending work.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick_clock(now);
+        while let Some(Reverse((t, k))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(k) else {
+                continue;
+            };
+            if p.next_timeout != Some(t) {
+                continue;
+            }
+            p.next_timeout = None;
+            p.needs_tick = true;
+            self.mark_dirty(k);
+        }
+        self.run_dirty(now);
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.transmits.is_empty() && !self.dirty.is_empty() {
+            if let Some(now) = self.last_now {
+                self.run_dirty(now);
+            }
+        }
+        let t = self.transmits.pop_front()?;
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += t.contents.len() as u64;
+        Some(t)
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Sfu::handle_timeout`] must be called next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((t, k))) = self.timers.peek().copied() {
+            match self.peers.get(k) {
+                Some(p) if p.next_timeout == Some(t) => return Some(t),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    fn mark_dirty(&mut self, key: Key) {
+        if let Some(p) = self.peers.get_mut(key) {
+            if !p.dirty {
+                p.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    fn run_dirty(&mut self, now: Instant) {
+        while let Some(k) = self.dirty.pop() {
+            self.poll_peer(now, k);
+        }
+        while let Some(k) = self.dead.pop() {
+            self.drop_peer(k);
+        }
+    }
+
+    fn poll_peer(&mut self, now: Instant, key: Key) {
+        let Some(p) = self.peers.get_mut(key) else {
+            return;
+        };
+        p.dirty = false;
+        if p.needs_tick {
+            p.needs_tick = false;
+            if let Err(e) = p.rtc.handle_input(Input::Timeout(now)) {
+                debug!(peer = key.as_u64(), "timeout failed: {e}");
+            }
+        }
+        loop {
+            let Some(p) = self.peers.get_mut(key) else {
+                return;
+            };
+            if !p.rtc.is_alive() {
+                self.dead.push(key);
+                return;
+            }
+            match p.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    if p.next_timeout != Some(t) {
+                        p.next_timeout = Some(t);
+                        self.timers.push(Reverse((t, key)));
+                    }
+                    return;
+                }
+                Ok(Output::Transmit(t)) => self.transmits.push_back(t),
+                Ok(Output::Event(e)) => self.on_event(now, key, e),
+                Err(e) => {
+                    warn!(peer = key.as_u64(), "session failed: {e}");
+                    p.rtc.disconnect();
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, key: Key, event: Event) {
+        match event {
+            Event::Connected => self.on_connected(now, key),
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                if let Some(p) = self.peers.get_mut(key) {
+                    info!(peer = key.as_u64(), "ICE disconnected");
+                    p.rtc.disconnect();
+                }
+            }
+            Event::MediaAdded(m) => {
+                if let Some(p) = self.peers.get_mut(key) {
+                    let sends = matches!(m.direction, Direction::SendOnly | Direction::SendRecv);
+                    let slot = &mut p.tracks[Room::track_index(m.kind)];
+                    if p.role.is_viewer() && sends && slot.is_none() {
+                        *slot = Some(TrackOut::new(m.mid, p.seq_start));
+                    }
+                }
+            }
+            Event::RtpPacket(pkt) => self.on_publisher_rtp(now, key, pkt),
+            Event::KeyframeRequest(req) => self.on_viewer_keyframe_request(now, key, req),
+            Event::ChannelOpen(id, label) => {
+                if let Some(p) = self.peers.get_mut(key) {
+                    debug!(peer = key.as_u64(), %label, "data channel open");
+                    if p.channels.len() < 16 {
+                        p.channels.push((id, label));
+                    }
+                }
+            }
+            Event::ChannelClose(id) => {
+                if let Some(p) = self.peers.get_mut(key) {
+                    p.channels.retain(|(c, _)| *c != id);
+                }
+            }
+            Event::ChannelData(d) => self.on_channel_data(key, d),
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                self.on_bwe(now, key, estimate.as_u64())
+            }
+            Event::Closed => {
+                if let Some(p) = self.peers.get_mut(key) {
+                    p.rtc.disconnect();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connected(&mut self, now: Instant, key: Key) {
+        let Some(p) = self.peers.get_mut(key) else {
+            return;
+        };
+        p.connected = true;
+        let role = p.role;
+        let rk = p.room;
+        let room = self
+            .rooms
+            .get(rk)
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        info!(%room, peer = key.as_u64(), role = role.as_str(), "connected");
+        self.events.push_back(SfuEvent::Connected {
+            peer: key,
+            room,
+            role,
+        });
+        if role.is_viewer() {
+            self.start_video(now, rk, key);
+        }
+    }
+
+    /// Starts (or restarts) a viewer's video: at once from the cached GOP if
+    /// there is one, else at the next keyframe, asking the publisher for one.
+    fn start_video(&mut self, now: Instant, rk: Key, vk: Key) {
+        let Some(r) = self.rooms.get_mut(rk) else {
+            return;
+        };
+        let Some(v) = self.peers.get_mut(vk) else {
+            return;
+        };
+        let Some(t) = v.tracks[VIDEO].as_mut() else {
+            return;
+        };
+        t.needs_start = true;
+        let layer = t
+            .target_layer
+            .min(r.tracks[VIDEO].layers.len().saturating_sub(1));
+        let cached = r.tracks[VIDEO]
+            .layers
+            .get(layer)
+            .is_some_and(|l| l.gop.is_valid());
+        if cached {
+            t.layer = layer;
+            replay_gop(r, v, layer, now, &mut self.stats);
+            v.cache_grace_until = Some(now + self.cfg.cache_grace);
+            self.stats.viewer_starts_from_cache += 1;
+            self.mark_dirty(vk);
+        } else if r.publisher.is_some() {
+            self.request_keyframe(now, rk, layer);
+        }
+    }
+
+    fn request_keyframe(&mut self, now: Instant, rk: Key, layer: usize) {
+        let Some(r) = self.rooms.get_mut(rk) else {
+            return;
+        };
+        if r.last_keyframe_request
+            .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.keyframe_throttle)
+        {
+            self.stats.keyframe_requests_merged += 1;
+            return;
+        }
+        let (Some(pk), Some(mid)) = (r.publisher, r.tracks[VIDEO].mid) else {
+            return;
+        };
+        let rid = r.tracks[VIDEO].layers.get(layer).and_then(|l| l.rid);
+        let Some(p) = self.peers.get_mut(pk) else {
+            return;
+        };
+        let mut api = p.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(mid, rid) else {
+            return;
+        };
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        r.last_keyframe_request = Some(now);
+        self.stats.keyframe_requests_upstream += 1;
+        debug!(room = %r.name, "keyframe requested from publisher");
+        p.needs_tick = true;
+        self.mark_dirty(pk);
+    }
+
+    fn on_viewer_keyframe_request(&mut self, now: Instant, key: Key, _req: KeyframeRequest) {
+        let Some(v) = self.peers.get(key) else {
+            return;
+        };
+        if !v.role.is_viewer() {
+            return;
+        }
+        self.stats.keyframe_requests_from_viewers += 1;
+        if v.cache_grace_until.is_some_and(|t| now < t) {
+            self.stats.keyframe_requests_answered_by_cache += 1;
+            return;
+        }
+        let rk = v.room;
+        let layer = v.tracks[VIDEO].as_ref().map(|t| t.layer).unwrap_or(0);
+        self.request_keyframe(now, rk, layer);
+    }
+
+    fn on_publisher_rtp(&mut self, now: Instant, key: Key, pkt: RtpPacket) {
+        let Sfu {
+            peers,
+            rooms,
+            stats,
+            dirty,
+            ..
+        } = self;
+        let Some(p) = peers.get_mut(key) else {
+            return;
+        };
+        if p.role != Role::Publisher {
+            return;
+        }
+        let Some(r) = rooms.get_mut(p.room) else {
+            return;
+        };
+        stats.rtp_in += 1;
+        let ssrc = pkt.header.ssrc;
+        let (track, layer) = match p.ssrc_map.iter().find(|(s, _, _)| *s == ssrc) {
+            Some((_, t, l)) => (*t, *l),
+            None => {
+                let mut api = p.rtc.direct_api();
+                let Some(rx) = api.stream_rx(&ssrc) else {
+                    stats.dropped_unknown_stream += 1;
+                    return;
+                };
+                let (mid, rid) = (rx.mid(), rx.rid());
+                let Some(kind) = p.rtc.media(mid).map(|m| m.kind()) else {
+                    stats.dropped_unknown_stream += 1;
+                    return;
+                };
+                let t = Room::track_index(kind);
+                match r.tracks[t].mid {
+                    Some(m) if m != mid => {
+                        // A second track of the same kind: not forwarded.
+                        stats.dropped_unknown_stream += 1;
+                        return;
+                    }
+                    _ => r.tracks[t].mid = Some(mid),
+                }
+                let Some(l) = r.tracks[t].layer_index(rid) else {
+                    stats.dropped_unknown_stream += 1;
+                    return;
+                };
+                if p.ssrc_map.len() < 8 {
+                    p.ssrc_map.push((ssrc, t, l));
+                }
+                (t, l)
+            }
+        };
+        let pt = pkt.header.payload_type;
+        let spec = match r.pt_specs.iter().find(|(x, _)| *x == pt) {
+            Some((_, s)) => *s,
+            None => {
+                let Some(params) = p.rtc.codec_config().params().iter().find(|x| x.pt() == pt)
+                else {
+                    stats.dropped_no_codec += 1;
+                    return;
+                };
+                let s = params.spec();
+                if r.pt_specs.len() < 16 {
+                    r.pt_specs.push((pt, s));
+                }
+                s
+            }
+        };
+        let l = &mut r.tracks[track].layers[layer];
+        l.rate.add(now, pkt.payload.len());
+        let (seq, ts) = l.timeline.map(
+            ssrc,
+            *pkt.seq_no,
+            pkt.header.timestamp,
+            pkt.timestamp,
+            spec.clock_rate.get(),
+        );
+        let cp = CachedPacket {
+            seq,
+            ts,
+            pt,
+            marker: pkt.header.marker,
+            ext: forwardable_ext(&pkt.header.ext_vals),
+            payload: pkt.payload,
+            arrival: pkt.timestamp,
+        };
+        let pushed = if track == VIDEO {
+            let key_frame = codec::is_keyframe(spec.codec, &cp.payload);
+            let pushed = l.gop.push(cp.clone(), key_frame);
+            if pushed == Pushed::KeyframeStart {
+                stats.keyframes_in += 1;
+            }
+            pushed
+        } else {
+            Pushed::Packet
+        };
+        let r: &Room = r;
+        for &vk in &r.viewers {
+            let Some(v) = peers.get_mut(vk) else {
+                continue;
+            };
+            if !v.connected {
+                continue;
+            }
+            let Some(t) = v.tracks[track].as_mut() else {
+                continue;
+            };
+            let queued = if track == VIDEO && v.video_paused {
+                stats.dropped_paused += 1;
+                false
+            } else if track == VIDEO && (t.layer != layer || t.needs_start) {
+                // Start (or switch layers) only where a keyframe begins.
+                if t.target_layer == layer && pushed == Pushed::KeyframeStart {
+                    replay_gop(r, v, layer, now, stats);
+                    true
+                } else {
+                    false
+                }
+            } else {
+                forward(v, track, &cp, cp.ts, cp.arrival, r, stats)
+            };
+            if queued && !v.dirty {
+                v.dirty = true;
+                dirty.push(vk);
+            }
+        }
+    }
+
+    fn on_channel_data(&mut self, key: Key, d: ChannelData) {
+        let Some(p) = self.peers.get(key) else {
+            return;
+        };
+        let Some(label) = p.channel_label(d.id).map(str::to_string) else {
+            return;
+        };
+        let role = p.role;
+        let rk = p.room;
+        let Some(r) = self.rooms.get(rk) else {
+            return;
+        };
+        let targets: Vec<Key> = match role {
+            Role::Publisher => r.viewers.clone(),
+            Role::Controller => r.publisher.into_iter().collect(),
+            Role::Spectator => {
+                self.stats.input_dropped_spectator += 1;
+                debug!(peer = key.as_u64(), "spectator input dropped");
+                return;
+            }
+        };
+        if role == Role::Controller {
+            self.stats.input_forwarded += 1;
+        } else {
+            self.stats.data_to_viewers += 1;
+        }
+        for t in targets {
+            let Some(tp) = self.peers.get_mut(t) else {
+                continue;
+            };
+            let Some(cid) = tp.channel_by_label(&label) else {
+                continue;
+            };
+            if let Some(mut ch) = tp.rtc.channel(cid) {
+                match ch.write(d.binary, &d.data) {
+                    Ok(true) => {}
+                    _ => self.stats.data_dropped += 1,
+                }
+            }
+            self.mark_dirty(t);
+        }
+    }
+
+    fn on_bwe(&mut self, now: Instant, key: Key, estimate: u64) {
+        let Some(v) = self.peers.get_mut(key) else {
+            return;
+        };
+        if !v.role.is_viewer() {
+            return;
+        }
+        v.bwe_bps = Some(estimate);
+        let rk = v.room;
+        let Some(r) = self.rooms.get(rk) else {
+            return;
+        };
+        let layers = r.tracks[VIDEO].layers.len();
+        if layers == 0 {
+            return;
+        }
+        // Best layer whose bitrate fits the estimate; layers ordered by bitrate.
+        let mut order: Vec<(u64, usize)> = (0..layers).map(|i| (r.video_layer_bps(i), i)).collect();
+        order.sort_unstable();
+        let fitting = order
+            .iter()
+            .rev()
+            .find(|(bps, _)| (*bps as f64) <= estimate as f64 * 0.95)
+            .map(|(_, i)| *i);
+        let lowest_bps = order.first().map(|(b, _)| *b).unwrap_or(0);
+        let Some(t) = v.tracks[VIDEO].as_mut() else {
+            return;
+        };
+        let mut switch_to = None;
+        let mut resume = false;
+        match fitting {
+            None if lowest_bps > 0 && !v.video_paused => {
+                info!(
+                    peer = key.as_u64(),
+                    estimate,
+                    stream_bps = lowest_bps,
+                    "video paused: bandwidth estimate below stream bitrate"
+                );
+                v.video_paused = true;
+                self.stats.video_pauses += 1;
+            }
+            Some(i) => {
+                if layers > 1 && i != t.target_layer {
+                    t.target_layer = i;
+                    switch_to = Some(i);
+                }
+                resume = v.video_paused && (lowest_bps as f64) <= estimate as f64 * 0.8;
+                if resume {
+                    info!(peer = key.as_u64(), estimate, "video resumed");
+                    v.video_paused = false;
+                    self.stats.video_resumes += 1;
+                }
+            }
+            None => {}
+        }
+        if let Some(i) = switch_to {
+            self.request_keyframe(now, rk, i);
+        }
+        if resume {
+            self.start_video(now, rk, key);
+        }
+    }
+
+    fn drop_peer(&mut self, key: Key) {
+        let Some(mut p) = self.peers.remove(key) else {
+            return;
+        };
+        p.rtc.disconnect();
+        self.by_ufrag.remove(&p.ufrag);
+        for a in &p.addrs {
+            self.by_addr.remove(a);
+        }
+        let Some(r) = self.rooms.get_mut(p.room) else {
+            return;
+        };
+        let room = r.name.clone();
+        if r.publisher == Some(key) {
+            r.publisher_gone();
+            info!(%room, peer = key.as_u64(), "publisher left; viewers stay");
+        } else {
+            r.viewers.retain(|v| *v != key);
+            if r.controller == Some(key) {
+                r.controller = None;
+            }
+            info!(%room, peer = key.as_u64(), viewers = r.viewers.len(), "viewer left");
+        }
+        self.events.push_back(SfuEvent::Disconnected {
+            peer: key,
+            room: room.clone(),
+            role: p.role,
+        });
+        if r.is_empty() {
+            self.rooms.remove(p.room);
+            self.room_by_name.remove(&room);
+            self.events.push_back(SfuEvent::RoomClosed { room });
+        }
+    }
+}
+
+/// True if any media section of the answer has one of `dirs` (our side's direction).
+fn answer_has_direction(answer: &SdpAnswer, dirs: &[Direction]) -> bool {
+    let sdp = answer.to_sdp_string();
+    sdp.lines().any(|l| {
+        let l = l.trim();
+        dirs.iter().any(|d| l == format!("a={d}"))
+    })
+}
+
+/// Header extension values worth passing from publisher to viewers; the
+/// transport-level ones (mid, rid, transport-cc) are the viewer session's own.
+fn forwardable_ext(e: &ExtensionValues) -> ExtensionValues {
+    ExtensionValues {
+        audio_level: e.audio_level,
+        voice_activity: e.voice_activity,
+        video_orientation: e.video_orientation,
+        video_content_type: e.video_content_type,
+        abs_capture_time: e.abs_capture_time,
+        play_delay_min: e.play_delay_min,
+        play_delay_max: e.play_delay_max,
+        ..Default::default()
+    }
+}
+
+/// Writes one packet to a viewer's track with timestamp `ts`.
+/// Returns true if something was queued for sending.
+fn forward(
+    v: &mut Peer,
+    track: usize,
+    cp: &CachedPacket,
+    ts: u32,
+    wallclock: Instant,
+    room: &Room,
+    stats: &mut SfuStats,
+) -> bool {
+    let Peer { rtc, tracks, .. } = v;
+    let Some(t) = tracks[track].as_mut() else {
+        return false;
+    };
+    if t.pt_epoch != room.epoch {
+        t.pt_map.clear();
+        t.pt_epoch = room.epoch;
+    }
+    let vpt = match t.pt_map.iter().find(|(p, _)| *p == cp.pt) {
+        Some((_, vpt)) => *vpt,
+        None => {
+            let spec = room
+                .pt_specs
+                .iter()
+                .find(|(p, _)| *p == cp.pt)
+                .map(|(_, s)| *s);
+            let vpt = match (spec, rtc.media(t.mid)) {
+                (Some(spec), Some(m)) => {
+                    let pts = m.remote_pts();
+                    codec::match_pt(
+                        &spec,
+                        rtc.codec_config()
+                            .params()
+                            .iter()
+                            .filter(|p| pts.contains(&p.pt())),
+                    )
+                }
+                _ => None,
+            };
+            if vpt.is_none() {
+                warn!(
+                    pt = *cp.pt,
+                    "viewer did not negotiate the publisher's codec; not forwarding"
+                );
+            }
+            if t.pt_map.len() < 16 {
+                t.pt_map.push((cp.pt, vpt));
+            }
+            vpt
+        }
+    };
+    let Some(vpt) = vpt else {
+        stats.dropped_no_codec += 1;
+        return false;
+    };
+    let mut api = rtc.direct_api();
+    let Some(tx) = api.stream_tx_by_mid(t.mid, None) else {
+        stats.dropped_unknown_stream += 1;
+        return false;
+    };
+    let seq = t.out_seq(cp.seq);
+    tx.write_rtp(
+        RtpWrite::new(vpt, seq.into(), ts, wallclock, cp.payload.clone())
+            .marker(cp.marker)
+            .ext_vals(cp.ext.clone())
+            .nackable(track == VIDEO),
+    );
+    stats.rtp_out += 1;
+    v.needs_tick = true;
+    true
+}
+
+/// Sends a viewer the cached GOP of `layer` at once. Timestamps of the cached
+/// frames are squeezed just below the newest one, so the viewer decodes them
+/// straight away and is live at the end instead of a GOP behind.
+fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut SfuStats) {
+    let Some(l) = r.tracks[VIDEO].layers.get(layer) else {
+        return;
+    };
+    let pkts = l.gop.packets();
+    let (Some(first), Some(last)) = (pkts.first(), pkts.last()) else {
+        return;
+    };
+    let Some(t) = v.tracks[VIDEO].as_mut() else {
+        return;
+    };
+    t.rebase(first.seq);
+    t.needs_start = false;
+    t.layer = layer;
+    let frames = l.gop.frames().max(1);
+    let mut frame = 0u32;
+    let mut cur = first.ts;
+    for p in pkts {
+        if p.ts != cur {
+            cur = p.ts;
+            frame += 1;
+        }
+        let back = (frames - 1).saturating_sub(frame);
+        let ts = last.ts.wrapping_sub(back);
+        if forward(v, VIDEO, p, ts, now, r, stats) {
+            stats.packets_replayed += 1;
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A peer: one str0m `Rtc` (publisher or viewer) and what the SFU tracks about it.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
+use str0m::media::{Mid, Pt};
+use str0m::rtp::Ssrc;
+use str0m::Rtc;
+
+use crate::slab::Key;
+
+/// What a peer is to its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The instance that publishes the stream.
+    Publisher,
+    /// The one viewer whose input reaches the instance.
+    Controller,
+    /// A viewer who only watches; its input is dropped.
+    Spectator,
+}
+
+impl Role {
+    /// Lower-case name for headers, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Publisher => "publisher",
+            Role::Controller => "controller",
+            Role::Spectator => "spectator",
+        }
+    }
+
+    /// True for controllers and spectators.
+    pub fn is_viewer(self) -> bool {
+        self != Role::Publisher
+    }
+}
+
+/// A viewer's outgoing track: where the room's packets go and how they are renumbered.
+#[derive(Debug)]
+pub struct TrackOut {
+    /// The viewer's mid for this track.
+    pub mid: Mid,
+    /// Layer of the room track this viewer receives.
+    pub layer: usize,
+    /// Layer the viewer should move to at the next keyframe of that layer.
+    pub target_layer: usize,
+    /// Waiting for a keyframe (or the cache) before forwarding.
+    pub needs_start: bool,
+    /// Added to room sequence numbers; re-based on every (re)start.
+    pub seq_offset: u64,
+    /// Next sequence number to send, for re-basing.
+    pub next_seq: u64,
+    /// Publisher payload type -> viewer payload type, valid for `pt_epoch`.
+    pub pt_map: Vec<(Pt, Option<Pt>)>,
+    /// Room epoch the map was built for.
+    pub pt_epoch: u32,
+}
+
+impl TrackOut {
+    /// A track that starts at a keyframe; `seq_start` keeps ROC at zero.
+    pub fn new(mid: Mid, seq_start: u64) -> Self {
+        TrackOut {
+            mid,
+            layer: 0,
+            target_layer: 0,
+            needs_start: true,
+            seq_offset: 0,
+            next_seq: seq_start,
+            pt_map: Vec::new(),
+            pt_epoch: u32::MAX,
+        }
+    }
+
+    /// Re-bases numbering so that room sequence `first_room_seq` follows the
+    /// last packet sent, without a gap the viewer would NACK.
+    pub fn rebase(&mut self, first_room_seq: u64) {
+        self.seq_offset = self.next_seq.wrapping_sub(first_room_seq);
+    }
+
+    /// Viewer sequence number for a room sequence number; advances `next_seq`.
+    pub fn out_seq(&mut self, room_seq: u64) -> u64 {
+        let s = room_seq.wrapping_add(self.seq_offset);
+        if s >= self.next_seq {
+            self.next_seq = s + 1;
+        }
+        s
+    }
+}
+
+/// Everything the SFU knows about one peer.
+pub struct Peer {
+    /// The WebRTC session.
+    pub rtc: Rtc,
+    /// The room the peer belongs to.
+    pub room: Key,
+    /// Publisher, controller or spectator.
+    pub role: Role,
+    /// Local ICE ufrag, for demultiplexing STUN.
+    pub ufrag: String,
+    /// (remote, local) address pairs routed to this peer.
+    pub addrs: Vec<(SocketAddr, SocketAddr)>,
+    /// The timeout str0m asked for last.
+    pub next_timeout: Option<Instant>,
+    /// ICE + DTLS done.
+    pub connected: bool,
+    /// Queued in the dirty list.
+    pub dirty: bool,
+    /// Needs an `Input::Timeout` before polling (media was written).
+    pub needs_tick: bool,
+    /// Open data channels and their labels.
+    pub channels: Vec<(ChannelId, String)>,
+    /// Waiting for the remote answer to our offer.
+    pub pending_offer: Option<SdpPendingOffer>,
+    /// Viewer tracks by room track index (video, audio).
+    pub tracks: [Option<TrackOut>; 2],
+    /// Viewer keyframe requests are answered by the cache until then.
+    pub cache_grace_until: Option<Instant>,
+    /// Video paused because the bandwidth estimate is below the stream bitrate.
+    pub video_paused: bool,
+    /// Latest egress bandwidth estimate (bits per second).
+    pub bwe_bps: Option<u64>,
+    /// Publisher: SSRC -> (track, layer) resolved so far.
+    pub ssrc_map: Vec<(Ssrc, usize, usize)>,
+    /// First sequence number of the viewer's tracks.
+    pub seq_start: u64,
+}
+
+impl Peer {
+    /// Channel id for a label, if that channel is open.
+    pub fn channel_by_label(&self, label: &str) -> Option<ChannelId> {
+        self.channels
+            .iter()
+            .find(|(_, l)| l == label)
+            .map(|(id, _)| *id)
+    }
+
+    /// Label of an open channel.
+    pub fn channel_label(&self, id: ChannelId) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|(c, _)| *c == id)
+            .map(|(_, l)| l.as_str())
+    }
+}

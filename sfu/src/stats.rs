@@ -1,0 +1,54 @@
+//! Counters kept by the core with plain integer adds; the driver exports them as metrics.
+
+/// Monotonic counters since start.
+#[derive(Debug, Default, Clone)]
+pub struct SfuStats {
+    /// Datagrams accepted by a peer.
+    pub datagrams_in: u64,
+    /// Bytes of accepted datagrams.
+    pub bytes_in: u64,
+    /// Datagrams handed to the driver.
+    pub datagrams_out: u64,
+    /// Bytes handed to the driver.
+    pub bytes_out: u64,
+    /// RTP packets received from publishers.
+    pub rtp_in: u64,
+    /// RTP packets written to viewers.
+    pub rtp_out: u64,
+    /// Keyframes that started a new cached GOP.
+    pub keyframes_in: u64,
+    /// Keyframe requests received from viewers.
+    pub keyframe_requests_from_viewers: u64,
+    /// Keyframe requests sent to publishers.
+    pub keyframe_requests_upstream: u64,
+    /// Viewer requests merged into one already in flight.
+    pub keyframe_requests_merged: u64,
+    /// Viewer requests answered by the GOP cache.
+    pub keyframe_requests_answered_by_cache: u64,
+    /// Viewers started from the GOP cache.
+    pub viewer_starts_from_cache: u64,
+    /// Cached packets replayed to viewers.
+    pub packets_replayed: u64,
+    /// Datagrams from an address no peer owns.
+    pub dropped_unknown_source: u64,
+    /// Datagrams str0m rejected or could not parse.
+    pub dropped_malformed: u64,
+    /// RTP of a stream the room does not forward.
+    pub dropped_unknown_stream: u64,
+    /// RTP whose codec the viewer did not negotiate.
+    pub dropped_no_codec: u64,
+    /// Video not sent to a viewer paused for bandwidth.
+    pub dropped_paused: u64,
+    /// Controller input forwarded to the publisher.
+    pub input_forwarded: u64,
+    /// Spectator input dropped.
+    pub input_dropped_spectator: u64,
+    /// Publisher data-channel messages fanned out.
+    pub data_to_viewers: u64,
+    /// Data-channel writes that did not fit the buffer.
+    pub data_dropped: u64,
+    /// Viewers paused for bandwidth.
+    pub video_pauses: u64,
+    /// Viewers resumed.
+    pub video_resumes: u64,
+}
