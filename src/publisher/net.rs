@@ -1,0 +1,96 @@
+//! Blocking UDP driver for one str0m `Rtc` on a dedicated thread, shared by the
+//! publisher and the WHEP client.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use str0m::net::{Protocol, Receive};
+use str0m::{Event, Input, Output, Rtc};
+
+/// Largest datagram we read; bigger ones are truncated and dropped by str0m.
+const RECV_BUF: usize = 2048;
+
+/// A UDP socket bound for one peer connection plus a reusable receive buffer.
+pub struct RtcSocket {
+    socket: UdpSocket,
+    local: SocketAddr,
+    buf: Box<[u8; RECV_BUF]>,
+}
+
+impl RtcSocket {
+    /// Binds an ephemeral UDP port on `ip`.
+    pub fn bind(ip: IpAddr) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        let local = socket.local_addr()?;
+        Ok(Self {
+            socket,
+            local,
+            buf: Box::new([0u8; RECV_BUF]),
+        })
+    }
+
+    /// The bound address (used as the host candidate).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Polls `rtc` until it asks to wait: sends every transmit, appends every event
+    /// to `events`, and returns the instant of its next timeout.
+    pub fn drain(&self, rtc: &mut Rtc, events: &mut Vec<Event>) -> anyhow::Result<Instant> {
+        // Bounded: str0m always ends with a Timeout, but guard against a busy loop.
+        for _ in 0..100_000 {
+            match rtc.poll_output()? {
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                        tracing::debug!(dest = %t.destination, "udp send failed: {e}");
+                    }
+                }
+                Output::Event(e) => events.push(e),
+            }
+        }
+        Ok(Instant::now())
+    }
+
+    /// Waits for one datagram until `deadline` and hands it to `rtc`; on timeout
+    /// hands `rtc` a timeout input instead. Malformed datagrams are dropped.
+    pub fn wait(&mut self, rtc: &mut Rtc, deadline: Instant) -> anyhow::Result<()> {
+        let now = Instant::now();
+        if deadline > now {
+            let wait = (deadline - now).max(Duration::from_millis(1));
+            self.socket.set_read_timeout(Some(wait))?;
+            match self.socket.recv_from(&mut self.buf[..]) {
+                Ok((n, source)) => {
+                    let now = Instant::now();
+                    let Ok(contents) = self.buf[..n].try_into() else {
+                        tracing::trace!(%source, n, "dropping unrecognised datagram");
+                        return Ok(());
+                    };
+                    let input = Input::Receive(
+                        now,
+                        Receive {
+                            proto: Protocol::Udp,
+                            source,
+                            destination: self.local,
+                            contents,
+                        },
+                    );
+                    if rtc.accepts(&input) {
+                        if let Err(e) = rtc.handle_input(input) {
+                            tracing::debug!(%source, "dropping datagram: {e}");
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => {
+                    tracing::debug!("udp recv: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        rtc.handle_input(Input::Timeout(Instant::now()))?;
+        Ok(())
+    }
+}
