@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::channel::ChannelData;
-use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind};
+use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
@@ -180,6 +180,8 @@ pub struct Sfu {
 impl Sfu {
     /// A new, empty SFU.
     pub fn new(cfg: SfuConfig) -> Self {
+        // Idempotent: the first provider installed in the process wins.
+        str0m::crypto::from_feature_flags().install_process_default();
         Sfu {
             cfg,
             peers: Slab::default(),
@@ -350,14 +352,18 @@ impl Sfu {
                 "the offer has no audio or video to receive (recvonly/sendrecv)".into(),
             ));
         }
+        let sdp = answer.to_sdp_string();
         let key = self.insert_peer(now, rtc, rk, role);
+        if let Some(p) = self.peers.get_mut(key) {
+            p.tracks = sending_tracks(&sdp, p.seq_start);
+        }
         self.attach_viewer(rk, key, role);
         self.mark_dirty(key);
         self.run_dirty(now);
         Ok(Joined {
             peer: key,
             role,
-            sdp: answer.to_sdp_string(),
+            sdp,
         })
     }
 
@@ -382,15 +388,17 @@ impl Sfu {
         let Some((offer, pending)) = change.apply() else {
             return Err(SfuError::BadSdp("nothing to offer".into()));
         };
+        let sdp = offer.to_sdp_string();
         let key = self.insert_peer(now, rtc, rk, role);
         if let Some(p) = self.peers.get_mut(key) {
             p.pending_offer = Some(pending);
+            p.tracks = sending_tracks(&sdp, p.seq_start);
         }
         self.attach_viewer(rk, key, role);
         Ok(Joined {
             peer: key,
             role,
-            sdp: offer.to_sdp_string(),
+            sdp,
         })
     }
 
@@ -492,7 +500,7 @@ impl Sfu {
         k
     }
 
-    fn insert_peer(&mut self, now: Instant, mut rtc: Rtc, room: Key, role: Role) -> Key {
+    fn insert_peer(&mut self, _now: Instant, mut rtc: Rtc, room: Key, role: Role) -> Key {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         self.seq_seed = self
             .seq_seed
@@ -1101,6 +1109,41 @@ impl Sfu {
             self.events.push_back(SfuEvent::RoomClosed { room });
         }
     }
+}
+
+/// Media sections of our own SDP in which we send: (mid, kind), first of each kind.
+fn sending_tracks(sdp: &str, seq_start: u64) -> [Option<TrackOut>; 2] {
+    let mut out: [Option<TrackOut>; 2] = [None, None];
+    let mut flush = |kind: Option<MediaKind>, mid: Option<&str>, sends: bool| {
+        if let (Some(kind), Some(mid), true) = (kind, mid, sends) {
+            let slot = &mut out[Room::track_index(kind)];
+            if slot.is_none() {
+                *slot = Some(TrackOut::new(Mid::from(mid), seq_start));
+            }
+        }
+    };
+    let (mut kind, mut mid, mut sends) = (None, None, false);
+    for line in sdp.lines() {
+        let line = line.trim();
+        if let Some(m) = line.strip_prefix("m=") {
+            flush(kind, mid, sends);
+            kind = if m.starts_with("video") {
+                Some(MediaKind::Video)
+            } else if m.starts_with("audio") {
+                Some(MediaKind::Audio)
+            } else {
+                None
+            };
+            mid = None;
+            sends = false;
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m);
+        } else if line == "a=sendonly" || line == "a=sendrecv" {
+            sends = true;
+        }
+    }
+    flush(kind, mid, sends);
+    out
 }
 
 /// True if any media section of the answer has one of `dirs` (our side's direction).
