@@ -273,11 +273,7 @@ impl World {
                     c.audio_frames += 1;
                 }
             }
-            Event::ChannelOpen(id, _) => {
-                if Some(id) == c.control {
-                    c.control_open = true;
-                }
-            }
+            Event::ChannelOpen(id, _) if Some(id) == c.control => c.control_open = true,
             Event::ChannelData(d) => {
                 c.messages
                     .push(String::from_utf8_lossy(&d.data).to_string());
