@@ -213,3 +213,141 @@ pub fn spawn(cfg: RegisterConfig, load: impl Fn() -> NodeLoad + Send + 'static) 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::config::{Account, GatewayConfig};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const NODE_KEY: &str = "node-key-0123456789";
+    const API: &str = "api-token-0123456789";
+
+    /// The registration client against the real gateway router, in-process on 127.0.0.1:0.
+    #[tokio::test]
+    async fn registers_heartbeats_and_reports_terminations() {
+        let cfg = GatewayConfig {
+            accounts: vec![Account {
+                name: "ops".into(),
+                token: API.into(),
+                admin: true,
+            }],
+            node_keys: vec![NODE_KEY.into()],
+            token_keys: vec!["token-key-0123456789".into()],
+            ..GatewayConfig::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = crate::gateway::router(Arc::new(cfg));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let beats = Arc::new(AtomicU32::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let session = Arc::new(std::sync::Mutex::new(String::new()));
+        let reg = RegisterConfig {
+            gateway_url: base.clone(),
+            node_key: NODE_KEY.into(),
+            id: "edge-1".into(),
+            region: "eu-west".into(),
+            lat: 48.85,
+            lon: 2.35,
+            http_url: "https://edge-1.example:8443".into(),
+            ws_url: None,
+            ice_urls: vec!["turn:edge-1.example:3478?transport=udp".into()],
+            capacity: Capacity {
+                max_viewers: 10,
+                max_egress_kbps: 0,
+            },
+            interval: Duration::from_millis(100),
+            ca_cert_pem: None,
+            on_reply: Some(Arc::new(move |r: &RegisterReply| {
+                let _ = tx.send(r.terminate_sessions.clone());
+            })),
+        };
+        let b = beats.clone();
+        let s = session.clone();
+        let task = spawn(reg.clone(), move || {
+            b.fetch_add(1, Ordering::Relaxed);
+            let id = s.lock().map(|g| g.clone()).unwrap_or_default();
+            NodeLoad {
+                rooms: 1,
+                viewers: 0,
+                sessions: if id.is_empty() {
+                    vec![]
+                } else {
+                    vec![SessionReport {
+                        id,
+                        publisher: true,
+                        viewers: 0,
+                    }]
+                },
+                ..NodeLoad::default()
+            }
+        });
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("first reply"),
+            Some(vec![])
+        );
+
+        // Create a session on this edge, terminate it, and expect the edge to be told.
+        let http = reqwest::Client::new();
+        let v: serde_json::Value = http
+            .post(format!("{base}/1.0/sessions"))
+            .bearer_auth(API)
+            .json(&serde_json::json!({"app": "a"}))
+            .send()
+            .await
+            .expect("create")
+            .json()
+            .await
+            .expect("json");
+        let id = v["metadata"]["id"].as_str().expect("id").to_owned();
+        assert_eq!(
+            v["metadata"]["url"]
+                .as_str()
+                .map(|u| u.starts_with(&format!(
+                    "wss://edge-1.example:8443/1.0/session/{id}/sockets/slave?token="
+                ))),
+            Some(true)
+        );
+        *session.lock().expect("lock") = id.clone();
+        http.delete(format!("{base}/1.0/sessions/{id}"))
+            .bearer_auth(API)
+            .send()
+            .await
+            .expect("delete");
+        let mut told = false;
+        for _ in 0..50 {
+            match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+                Ok(Some(list)) if list.contains(&id) => {
+                    told = true;
+                    break;
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        assert!(told, "edge told to terminate {id}");
+        assert!(beats.load(Ordering::Relaxed) >= 2);
+
+        // A wrong key is refused (logged, retried) without ending the task.
+        let mut bad = reg;
+        bad.node_key = "wrong-key-0123456789".into();
+        let err = register_once(&reqwest::Client::new(), &bad, NodeLoad::default())
+            .await
+            .expect_err("refused");
+        assert!(format!("{err:#}").contains("401"), "{err:#}");
+        deregister(&RegisterConfig {
+            node_key: NODE_KEY.into(),
+            ..bad
+        })
+        .await
+        .expect("deregistered");
+        task.abort();
+        server.abort();
+    }
+}
