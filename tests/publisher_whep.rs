@@ -212,8 +212,7 @@ async fn whep_client_rejects_bad_token_and_bad_url() {
         None,
     )
     .await
-    .err()
-    .expect("401 is an error");
+    .expect_err("401 is an error");
     assert!(format!("{err:#}").contains("401"));
     assert!(
         whep_client::view("not a url", None, Duration::from_secs(1), None)
