@@ -622,3 +622,44 @@ async fn bad_input_gets_error_envelopes() {
     let (code, _) = send(gw.http.post(&reg).bearer_auth(NODE_KEY).json(&bad)).await;
     assert_eq!(code, 400);
 }
+
+#[tokio::test]
+async fn tls_listener_serves_https() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let tmp = std::env::temp_dir().join(format!("edgerelay-gw-tls-{}", rand_suffix()));
+    std::fs::create_dir_all(&tmp).expect("dir");
+    let (cert, key) = (tmp.join("c.pem"), tmp.join("k.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    let gw = start(&format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    assert!(gw.base.starts_with("https://127.0.0.1:"), "{}", gw.base);
+    let base = gw.base.replace("127.0.0.1", "localhost");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).expect("ca"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let (code, v) = envelope(
+        client
+            .get(format!("{base}/1.0/status"))
+            .bearer_auth(API)
+            .send()
+            .await
+            .expect("https request"),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    // Plain HTTP on the TLS port does not get an answer.
+    let plain = gw.base.replace("https://", "http://");
+    assert!(gw
+        .http
+        .get(format!("{plain}/1.0/status"))
+        .send()
+        .await
+        .is_err());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
