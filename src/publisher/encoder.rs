@@ -211,4 +211,24 @@ mod tests {
             );
         }
     }
+
+    /// Encoder speed at 720p (run with `--ignored --nocapture`; debug builds compile
+    /// OpenH264 without optimisation unless the profile overrides it).
+    #[test]
+    #[ignore]
+    fn encode_720p_speed() {
+        let mut g = PatternGenerator::new(1280, 720).expect("generator");
+        let mut enc = VideoEncoder::new(EncoderSettings {
+            bitrate_bps: 2_000_000,
+            fps: 30,
+            keyframe_interval_frames: 60,
+        })
+        .expect("encoder");
+        let t = std::time::Instant::now();
+        for n in 0..60u64 {
+            let f = g.render(n, n * 33).clone();
+            enc.encode(&f, false, n * 33).expect("encode");
+        }
+        eprintln!("720p: {:?} per frame", t.elapsed() / 60);
+    }
 }
