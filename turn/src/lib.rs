@@ -20,5 +20,6 @@ pub mod stun;
 
 pub use auth::rest_credentials;
 pub use config::TurnConfig;
+pub use driver::{ChannelPeer, LocalHandoff, LocalPacket, TurnHandle, TurnServer};
 
 pub use server::{Action, FiveTuple, LocalPeer, Relay, RelayAllocator, Server, Transport};

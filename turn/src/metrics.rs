@@ -20,6 +20,13 @@
 
 use std::collections::HashMap;
 
+type Labelled<'a> = (
+    &'static str,
+    &'static str,
+    &'a HashMap<&'static str, u64>,
+    &'a HashMap<&'static str, u64>,
+);
+
 /// Counters kept by the core (cumulative since start).
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -59,12 +66,12 @@ fn method_name(m: u16) -> &'static str {
 
 impl Stats {
     #[inline]
-    pub(crate) fn to_peer(&mut self, len: usize) {
+    pub(crate) fn relayed_to_peer(&mut self, len: usize) {
         self.packets_to_peer += 1;
         self.bytes_to_peer += len as u64;
     }
     #[inline]
-    pub(crate) fn to_client(&mut self, len: usize) {
+    pub(crate) fn relayed_to_client(&mut self, len: usize) {
         self.packets_to_client += 1;
         self.bytes_to_client += len as u64;
     }
@@ -105,12 +112,7 @@ impl Stats {
             .increment(d(self.bytes_to_peer, prev.bytes_to_peer));
         metrics::counter!("edgerelay_turn_relayed_bytes_total", "direction" => "to_client")
             .increment(d(self.bytes_to_client, prev.bytes_to_client));
-        let maps: [(
-            &'static str,
-            &'static str,
-            &HashMap<&'static str, u64>,
-            &HashMap<&'static str, u64>,
-        ); 5] = [
+        let maps: [Labelled<'_>; 5] = [
             (
                 "edgerelay_turn_requests_total",
                 "method",

@@ -63,10 +63,25 @@ pub struct Relay {
     pub id: u64,
 }
 
+/// What an Allocate asks of the relay allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// Address family.
+    pub family: Family,
+    /// EVEN-PORT: the port must be even.
+    pub even_port: bool,
+    /// EVEN-PORT with R bit: also reserve port + 1 and return a reservation token.
+    pub reserve_next: bool,
+    /// RESERVATION-TOKEN: use the port reserved earlier under this token.
+    pub reservation: Option<u64>,
+}
+
 /// Relay port allocation, implemented by the driver (e.g. one UDP socket per allocation).
 pub trait RelayAllocator {
-    /// Reserve a relay endpoint of `family` for the allocation of `tuple`.
-    fn allocate(&mut self, family: Family, tuple: &FiveTuple) -> Option<Relay>;
+    /// Reserve a relay endpoint for the allocation of `tuple`. Returns the relay
+    /// and, when `req.reserve_next` was honoured, the reservation token for port + 1
+    /// (tokens expire after 30 s, RFC 8656 §7.2).
+    fn allocate(&mut self, req: &RelayRequest, tuple: &FiveTuple) -> Option<(Relay, Option<u64>)>;
     /// Release a relay endpoint (allocation expired or deleted).
     fn release(&mut self, relay: &Relay);
 }
@@ -470,7 +485,7 @@ impl Server {
             self.stats.quota("bandwidth");
             return Action::None;
         }
-        self.stats.to_peer(payload.len());
+        self.stats.relayed_to_peer(payload.len());
         if local {
             Action::ToLocal {
                 relay: a.relay.addr,
@@ -518,7 +533,7 @@ impl Server {
             self.stats.quota("bandwidth");
             return Action::None;
         }
-        self.stats.to_peer(payload.len());
+        self.stats.relayed_to_peer(payload.len());
         if local {
             Action::ToLocal {
                 relay: a.relay.addr,
@@ -577,7 +592,7 @@ impl Server {
             .iter()
             .find(|c| c.peer == peer && c.expires > now)
             .map(|c| c.num);
-        self.stats.to_client(len);
+        self.stats.relayed_to_client(len);
         if let Some(num) = chan {
             let pad = if tuple.transport.is_stream() {
                 (4 - len % 4) % 4
@@ -673,6 +688,7 @@ impl Server {
         };
         // Success responses are fully built by the handlers; errors here.
         if let Err((code, reason)) = res {
+            tracing::debug!(client = %tuple.client, method = msg.method, code, reason, "TURN request refused");
             let mut b = Builder::new(&mut self.out, msg.method, Class::Error, msg.tid);
             b.error(code, reason);
             if let Some(s) = &self.cfg.software {
@@ -807,7 +823,7 @@ impl Server {
             // Retransmission: answer again.
             let remaining = a.expires.saturating_duration_since(now).as_secs() as u32;
             let relay = a.relay.addr;
-            self.alloc_success(tuple, msg, auth, relay, remaining);
+            self.alloc_success(tuple, msg, auth, relay, remaining, None);
             return Ok(());
         }
         match msg.requested_transport {
@@ -815,13 +831,21 @@ impl Server {
             Some(17) => {}
             Some(_) => return Err((442, "Unsupported Transport Protocol")),
         }
-        if msg.reservation_token || msg.even_port {
-            return Err((508, "Insufficient Capacity"));
+        if msg.reservation_token.is_some()
+            && (msg.even_port.is_some() || msg.requested_family.is_some())
+        {
+            return Err((400, "Bad Request"));
         }
         let family = match msg.requested_family {
             None | Some(1) => Family::V4,
             Some(2) => Family::V6,
             Some(_) => return Err((440, "Address Family not Supported")),
+        };
+        let req = RelayRequest {
+            family,
+            even_port: msg.even_port.is_some(),
+            reserve_next: msg.even_port == Some(true),
+            reservation: msg.reservation_token,
         };
         let quota_user = Credentials::quota_user(&auth.username).to_string();
         if self.per_user.get(&quota_user).copied().unwrap_or(0) >= self.cfg.max_allocations_per_user
@@ -833,7 +857,7 @@ impl Server {
             self.stats.quota("total");
             return Err((508, "Insufficient Capacity"));
         }
-        let Some(relay) = relays.allocate(family, &tuple) else {
+        let Some((relay, token)) = relays.allocate(&req, &tuple) else {
             return Err(if family == Family::V6 {
                 (440, "Address Family not Supported")
             } else {
@@ -871,10 +895,11 @@ impl Server {
         *self.per_user.entry(quota_user).or_insert(0) += 1;
         self.stats.allocation_created();
         tracing::debug!(client = %tuple.client, relay = %relay.addr, user = %auth.username, "allocation created");
-        self.alloc_success(tuple, msg, auth, relay.addr, lifetime);
+        self.alloc_success(tuple, msg, auth, relay.addr, lifetime, token);
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn alloc_success(
         &mut self,
         tuple: FiveTuple,
@@ -882,11 +907,15 @@ impl Server {
         auth: &Authed,
         relay: SocketAddr,
         lifetime: u32,
+        token: Option<u64>,
     ) {
         let mut b = Builder::new(&mut self.out, method::ALLOCATE, Class::Success, msg.tid);
         b.xor_addr(attr::XOR_RELAYED_ADDRESS, relay)
             .u32_attr(attr::LIFETIME, lifetime)
             .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+        if let Some(t) = token {
+            b.attr(attr::RESERVATION_TOKEN, &t.to_be_bytes());
+        }
         if let Some(s) = &self.cfg.software {
             b.attr(attr::SOFTWARE, s.as_bytes());
         }
@@ -1042,10 +1071,17 @@ impl Server {
     ) -> Result<(), (u16, &'static str)> {
         let i = self.owned_alloc(&tuple, auth)?;
         let (Some(num), Some(peer)) = (msg.channel, msg.peer(0)) else {
-            return Err((400, "Bad Request"));
+            {
+                tracing::debug!(channel = ?msg.channel, peer = ?msg.peer(0), "channel bind: missing attrs");
+                return Err((400, "Bad Request"));
+            }
         };
-        if !(0x4000..=0x4FFF).contains(&num) {
-            return Err((400, "Bad Request"));
+        // RFC 8656 narrows the range to 0x4FFF; RFC 5766 clients (coturn) use up to 0x7FFF.
+        if !(0x4000..=0x7FFF).contains(&num) {
+            {
+                tracing::debug!(num, "channel bind: bad number");
+                return Err((400, "Bad Request"));
+            }
         }
         self.check_family(i, peer)?;
         let ext = self.peer_allowed(peer)?;
@@ -1073,7 +1109,10 @@ impl Server {
                         local,
                     });
                 }
-                _ => return Err((400, "Bad Request")),
+                _ => {
+                    tracing::debug!(num, %peer, "channel bind: conflict");
+                    return Err((400, "Bad Request"));
+                }
             }
         }
         self.install_perm(i, peer.ip(), ext, now)?;

@@ -163,10 +163,10 @@ pub struct Message<'a> {
     pub peer_count: usize,
     /// PASSWORD-ALGORITHM value (algorithm number).
     pub password_algorithm: Option<u16>,
-    /// Whether EVEN-PORT was present.
-    pub even_port: bool,
-    /// Whether RESERVATION-TOKEN was present.
-    pub reservation_token: bool,
+    /// EVEN-PORT: `Some(reserve_next)` (the R bit) when present.
+    pub even_port: Option<bool>,
+    /// RESERVATION-TOKEN value.
+    pub reservation_token: Option<u64>,
     /// Unknown comprehension-required attribute types.
     pub unknown: [u16; MAX_UNKNOWN],
     /// Number of entries used in `unknown`.
@@ -225,7 +225,7 @@ pub fn is_channel_data(b: &[u8]) -> bool {
 /// Over UDP, trailing padding is allowed; the payload is exactly the advertised length.
 pub fn parse_channel_data(b: &[u8]) -> Option<(u16, &[u8])> {
     let ch = be16(b, 0)?;
-    if !(0x4000..=0x4FFF).contains(&ch) {
+    if !(0x4000..=0x7FFF).contains(&ch) {
         return None;
     }
     let len = be16(b, 2)? as usize;
@@ -252,6 +252,7 @@ pub fn stream_frame_len(b: &[u8]) -> Result<Option<usize>, ()> {
 
 impl<'a> Message<'a> {
     /// Parse and validate one STUN message (the datagram may not carry trailing bytes).
+    #[allow(clippy::collapsible_match)]
     pub fn parse(b: &'a [u8]) -> Result<Message<'a>, ParseError> {
         if b.len() > MAX_MESSAGE_LEN {
             return Err(ParseError::Oversized);
@@ -263,7 +264,7 @@ impl<'a> Message<'a> {
             return Err(ParseError::NotStun);
         }
         let len = be16(b, 2).ok_or(ParseError::Truncated)? as usize;
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(ParseError::NotStun);
         }
         if b.len() != HEADER_LEN + len {
@@ -292,8 +293,8 @@ impl<'a> Message<'a> {
             peers: [None; MAX_PEER_ADDRS],
             peer_count: 0,
             password_algorithm: None,
-            even_port: false,
-            reservation_token: false,
+            even_port: None,
+            reservation_token: None,
             unknown: [0; MAX_UNKNOWN],
             unknown_count: 0,
         };
@@ -325,7 +326,10 @@ impl<'a> Message<'a> {
                     m.has_fingerprint = true;
                 }
                 attr::MESSAGE_INTEGRITY_SHA256 => {
-                    if m.integrity_sha256.is_none() && (16..=32).contains(&alen) && alen % 4 == 0 {
+                    if m.integrity_sha256.is_none()
+                        && (16..=32).contains(&alen)
+                        && alen.is_multiple_of(4)
+                    {
                         m.integrity_sha256 = Some(pos);
                     }
                 }
@@ -381,8 +385,15 @@ impl<'a> Message<'a> {
                 attr::PASSWORD_ALGORITHM => {
                     m.password_algorithm = Some(be16(v, 0).ok_or(ParseError::BadAttribute)?);
                 }
-                attr::EVEN_PORT => m.even_port = true,
-                attr::RESERVATION_TOKEN => m.reservation_token = true,
+                attr::EVEN_PORT => {
+                    m.even_port = Some(v.first().ok_or(ParseError::BadAttribute)? & 0x80 != 0);
+                }
+                attr::RESERVATION_TOKEN => {
+                    let t = v.get(..8).ok_or(ParseError::BadAttribute)?;
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(t);
+                    m.reservation_token = Some(u64::from_be_bytes(a));
+                }
                 // Known and accepted (or deliberately ignored) attributes.
                 attr::SOFTWARE
                 | attr::DONT_FRAGMENT

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use edgerelay_turn::auth::{long_term_key, rest_credentials, ALG_MD5};
 use edgerelay_turn::policy::Cidr;
-use edgerelay_turn::server::{Family, LocalPeer};
+use edgerelay_turn::server::{Family, LocalPeer, RelayRequest};
 use edgerelay_turn::stun::{attr, method, Builder, Class, Message};
 use edgerelay_turn::{Action, FiveTuple, Relay, RelayAllocator, Server, Transport, TurnConfig};
 
@@ -20,16 +20,19 @@ struct FakeRelays {
 }
 
 impl RelayAllocator for FakeRelays {
-    fn allocate(&mut self, family: Family, _t: &FiveTuple) -> Option<Relay> {
+    fn allocate(&mut self, req: &RelayRequest, _t: &FiveTuple) -> Option<(Relay, Option<u64>)> {
         self.next += 1;
-        let ip: IpAddr = match family {
+        let ip: IpAddr = match req.family {
             Family::V4 => "198.51.100.1".parse().unwrap(),
             Family::V6 => "2001:db8::1".parse().unwrap(),
         };
-        Some(Relay {
-            addr: SocketAddr::new(ip, 50000 + self.next),
-            id: u64::from(self.next),
-        })
+        Some((
+            Relay {
+                addr: SocketAddr::new(ip, 50000 + self.next),
+                id: u64::from(self.next),
+            },
+            None,
+        ))
     }
     fn release(&mut self, r: &Relay) {
         self.released.push(r.addr);
