@@ -1,14 +1,204 @@
-//! The edge service: HTTP signalling, media thread, TURN, registration.
+//! The edge service: HTTP signalling (tokio/axum), the media thread (SFU core),
+//! metrics, and draining on SIGTERM.
 
-/// Arguments of `edgerelay edge`.
-#[derive(clap::Args, Debug, Clone)]
+pub mod http;
+pub mod media;
+pub mod metrics;
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edgerelay_sfu::SfuConfig;
+use tracing::info;
+
+use crate::config::EdgeConfig;
+
+/// Arguments of `edgerelay edge`; flags override the config file.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct EdgeArgs {
     /// Path to edge.toml.
     #[arg(long)]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
+    /// HTTP listen address (overrides http.listen).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// UDP media listen address (overrides media.listen).
+    #[arg(long)]
+    pub media_listen: Option<SocketAddr>,
+    /// Public IP for ICE candidates (repeatable; overrides media.public_ips).
+    #[arg(long)]
+    pub public_ip: Vec<IpAddr>,
+    /// Publisher bearer token (repeatable; overrides auth.publisher_tokens).
+    #[arg(long)]
+    pub publisher_token: Vec<String>,
+    /// Viewer bearer token (repeatable; overrides auth.viewer_tokens).
+    #[arg(long)]
+    pub viewer_token: Vec<String>,
+    /// Node id (overrides node.id).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Region (overrides node.region).
+    #[arg(long)]
+    pub region: Option<String>,
 }
 
-/// Runs the edge until interrupted.
-pub async fn run(_args: EdgeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("edge not implemented yet")
+impl EdgeArgs {
+    /// Loads the file (if any) and applies the flags.
+    pub fn resolve(&self) -> anyhow::Result<EdgeConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => EdgeConfig::load(p)?,
+            None => EdgeConfig::default(),
+        };
+        if let Some(a) = self.http_listen {
+            cfg.http.listen = a;
+        }
+        if let Some(a) = self.media_listen {
+            cfg.media.listen = a;
+        }
+        if !self.public_ip.is_empty() {
+            cfg.media.public_ips = self.public_ip.clone();
+        }
+        if !self.publisher_token.is_empty() {
+            cfg.auth.publisher_tokens = self.publisher_token.clone();
+        }
+        if !self.viewer_token.is_empty() {
+            cfg.auth.viewer_tokens = self.viewer_token.clone();
+        }
+        if let Some(id) = &self.node_id {
+            cfg.node.id = id.clone();
+        }
+        if let Some(r) = &self.region {
+            cfg.node.region = r.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// Bound media address.
+    pub media_addr: SocketAddr,
+    /// Shared handler state.
+    pub state: Arc<http::AppState>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Edge {
+    /// Base URL of the HTTP API.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Stops taking new sessions; waits until viewers are gone or `timeout` passes.
+    pub async fn drain(&self, timeout: Duration) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let peers = self.state.media.shared.peers.load(Ordering::Relaxed);
+            if peers == 0 || tokio::time::Instant::now() >= deadline {
+                info!(remaining = peers, "drain finished");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the HTTP server and the media thread.
+    pub fn shutdown(self) {
+        self.server.abort();
+        self.state.media.stop();
+    }
+}
+
+/// Starts the media thread and the HTTP server.
+pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
+    let sfu_cfg = SfuConfig {
+        keyframe_throttle: Duration::from_millis(cfg.sfu.keyframe_throttle_ms),
+        max_viewers_per_room: cfg.sfu.max_viewers_per_room,
+        bwe: cfg.sfu.bwe,
+        bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
+        ..SfuConfig::default()
+    };
+    let c2 = cfg.clone();
+    let media = media::spawn(cfg.media.listen, move |b| c2.candidates(b), sfu_cfg)?;
+    let media_addr = media.local_addr;
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("http.listen: cannot bind {}", cfg.http.listen))?;
+    let http_addr = listener.local_addr()?;
+    let state = Arc::new(http::AppState {
+        media,
+        publisher_tokens: cfg.auth.publisher_tokens.clone(),
+        viewer_tokens: cfg.auth.viewer_tokens.clone(),
+        metrics: metrics::Metrics::install(cfg.http.max_body_bytes)?,
+        ice_links: Box::new(Vec::new),
+        draining: Default::default(),
+        web_root: cfg.http.web_root.clone(),
+    });
+    let app = http::router(state.clone(), cfg.http.max_body_bytes);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await?;
+        Ok(())
+    });
+    info!(http = %http_addr, media = %media_addr, node = %cfg.node.id, "edge started");
+    Ok(Edge {
+        http_addr,
+        media_addr,
+        state,
+        server,
+    })
+}
+
+/// Runs an edge until SIGINT/SIGTERM, then drains.
+pub async fn run(args: EdgeArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    let edge = start(&cfg).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "EDGERELAY_READY http={} media={}",
+            edge.base_url(),
+            edge.media_addr
+        )?;
+        out.flush()?;
+    }
+    shutdown_signal().await;
+    info!(
+        timeout_secs = cfg.drain.timeout_secs,
+        "signal received: draining"
+    );
+    edge.drain(cfg.drain_timeout()).await;
+    edge.shutdown();
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }

@@ -1,0 +1,358 @@
+//! The media thread: owns the UDP socket and the SFU core, outside tokio.
+//!
+//! Signalling talks to it through a channel ([`MediaHandle`]); a one-byte
+//! datagram from a private loopback socket wakes it when a command is queued,
+//! so the thread can block in `recv_from` until a packet or a timer is due.
+
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+/// Requests from signalling to the media thread; each carries its reply channel.
+pub enum MediaCmd {
+    /// WHIP: a publisher's offer.
+    Publish {
+        /// Room name.
+        room: String,
+        /// SDP offer.
+        offer: String,
+        /// Answer or error.
+        reply: oneshot::Sender<Result<Joined, SfuError>>,
+    },
+    /// WHEP: a viewer's offer.
+    View {
+        /// Room name.
+        room: String,
+        /// SDP offer.
+        offer: String,
+        /// Requested role.
+        role: RoleRequest,
+        /// Answer or error.
+        reply: oneshot::Sender<Result<Joined, SfuError>>,
+    },
+    /// WebSocket flow: the edge makes the offer.
+    ViewOffer {
+        /// Room name.
+        room: String,
+        /// Requested role.
+        role: RoleRequest,
+        /// Include an audio section.
+        audio: bool,
+        /// Offer or error.
+        reply: oneshot::Sender<Result<Joined, SfuError>>,
+    },
+    /// WebSocket flow: the viewer's answer.
+    Answer {
+        /// The viewer.
+        peer: PeerId,
+        /// SDP answer.
+        sdp: String,
+        /// Result.
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
+    /// A trickled remote candidate.
+    Candidate {
+        /// The peer.
+        peer: PeerId,
+        /// `candidate:...` line.
+        candidate: String,
+        /// Result.
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
+    /// End a session.
+    Remove {
+        /// The peer.
+        peer: PeerId,
+        /// Result.
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
+}
+
+/// A room as the HTTP side sees it (refreshed a few times per second).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomInfo {
+    /// Room name.
+    pub name: String,
+    /// Publisher connected.
+    pub publisher: bool,
+    /// Viewers in the room.
+    pub viewers: usize,
+}
+
+/// State the media thread publishes for metrics, health and registration.
+#[derive(Default)]
+pub struct Shared {
+    /// Latest SFU counters.
+    pub stats: Mutex<SfuStats>,
+    /// Latest rooms.
+    pub rooms: Mutex<Vec<RoomInfo>>,
+    /// Peers (publishers + viewers).
+    pub peers: AtomicU64,
+    /// Viewers.
+    pub viewers: AtomicU64,
+    /// Datagrams the socket failed to send.
+    pub send_errors: AtomicU64,
+    /// The thread is running.
+    pub alive: AtomicBool,
+    /// Set to stop the thread.
+    pub stop: AtomicBool,
+}
+
+/// The signalling side's handle on the media thread.
+#[derive(Clone)]
+pub struct MediaHandle {
+    tx: mpsc::Sender<MediaCmd>,
+    waker: Arc<UdpSocket>,
+    wake_to: SocketAddr,
+    /// Published state.
+    pub shared: Arc<Shared>,
+    /// The bound media address.
+    pub local_addr: SocketAddr,
+}
+
+/// The media thread is gone (it crashed or was stopped).
+#[derive(Debug, thiserror::Error)]
+#[error("media engine unavailable")]
+pub struct MediaGone;
+
+impl MediaHandle {
+    /// Sends a command built around a fresh reply channel and waits for the reply.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> MediaCmd,
+    ) -> Result<T, MediaGone> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| MediaGone)?;
+        let _ = self.waker.send_to(&[0], self.wake_to);
+        rx.await.map_err(|_| MediaGone)
+    }
+
+    /// Asks the thread to stop.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.send_to(&[0], self.wake_to);
+    }
+}
+
+/// Binds the media socket and starts the thread.
+pub fn spawn(
+    listen: SocketAddr,
+    candidates: impl FnOnce(SocketAddr) -> Vec<SocketAddr>,
+    mut cfg: SfuConfig,
+) -> anyhow::Result<MediaHandle> {
+    let socket = UdpSocket::bind(listen)
+        .map_err(|e| anyhow::anyhow!("media.listen: cannot bind UDP {listen}: {e}"))?;
+    let local_addr = socket.local_addr()?;
+    cfg.candidates = candidates(local_addr);
+    let wake_to = if local_addr.ip().is_unspecified() {
+        if local_addr.is_ipv4() {
+            SocketAddr::from(([127, 0, 0, 1], local_addr.port()))
+        } else {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, local_addr.port()))
+        }
+    } else {
+        local_addr
+    };
+    let waker_bind: SocketAddr = if wake_to.is_ipv4() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let waker = UdpSocket::bind(waker_bind)?;
+    let waker_addr = waker.local_addr()?;
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared::default());
+    shared.alive.store(true, Ordering::Relaxed);
+    let thread_shared = shared.clone();
+    let candidates = cfg.candidates.clone();
+    std::thread::Builder::new()
+        .name("media".into())
+        .spawn(move || {
+            let mut engine = Engine {
+                sfu: Sfu::new(cfg),
+                socket,
+                local_addr,
+                candidates,
+                waker_addr,
+                rx,
+                shared: thread_shared.clone(),
+                last_publish: Instant::now(),
+            };
+            engine.run();
+            thread_shared.alive.store(false, Ordering::Relaxed);
+        })?;
+    info!(%local_addr, "media thread started");
+    Ok(MediaHandle {
+        tx,
+        waker: Arc::new(waker),
+        wake_to,
+        shared,
+        local_addr,
+    })
+}
+
+struct Engine {
+    sfu: Sfu,
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    candidates: Vec<SocketAddr>,
+    waker_addr: SocketAddr,
+    rx: mpsc::Receiver<MediaCmd>,
+    shared: Arc<Shared>,
+    last_publish: Instant,
+}
+
+impl Engine {
+    fn run(&mut self) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                info!("media thread stopping");
+                return;
+            }
+            self.commands();
+            self.flush();
+            let now = Instant::now();
+            let next = self
+                .sfu
+                .poll_timeout()
+                .unwrap_or(now + Duration::from_millis(100))
+                .min(now + Duration::from_millis(250));
+            if next <= now {
+                self.sfu.handle_timeout(now);
+                continue;
+            }
+            let wait = (next - now).max(Duration::from_micros(200));
+            if let Err(e) = self.socket.set_read_timeout(Some(wait)) {
+                warn!("set_read_timeout: {e}");
+            }
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, source)) => {
+                    if source == self.waker_addr {
+                        continue;
+                    }
+                    let dest = self.destination_for(source);
+                    self.sfu
+                        .handle_datagram(Instant::now(), source, dest, &buf[..n]);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux; not fatal.
+                    debug!("media recv error: {e}");
+                }
+            }
+            let now = Instant::now();
+            if self.sfu.poll_timeout().is_some_and(|t| t <= now) {
+                self.sfu.handle_timeout(now);
+            }
+            if now.saturating_duration_since(self.last_publish) >= Duration::from_millis(250) {
+                self.publish_state(now);
+            }
+        }
+    }
+
+    /// The local address str0m should see: the advertised candidate of the
+    /// source's family (the socket may be bound to a private or wildcard address).
+    fn destination_for(&self, source: SocketAddr) -> SocketAddr {
+        self.candidates
+            .iter()
+            .find(|c| c.is_ipv4() == source.is_ipv4())
+            .copied()
+            .unwrap_or(self.local_addr)
+    }
+
+    fn flush(&mut self) {
+        while let Some(t) = self.sfu.poll_transmit() {
+            if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(dest = %t.destination, "media send failed: {e}");
+            }
+        }
+        while let Some(ev) = self.sfu.poll_event() {
+            match &ev {
+                SfuEvent::Connected { peer, room, role } => {
+                    info!(%room, peer = peer.as_u64(), role = role.as_str(), "peer connected")
+                }
+                SfuEvent::Disconnected { peer, room, role } => {
+                    info!(%room, peer = peer.as_u64(), role = role.as_str(), "peer gone")
+                }
+                SfuEvent::RoomOpened { room } => info!(%room, "room opened"),
+                SfuEvent::RoomClosed { room } => info!(%room, "room closed"),
+            }
+        }
+    }
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            let now = Instant::now();
+            match cmd {
+                MediaCmd::Publish { room, offer, reply } => {
+                    let _ = reply.send(self.sfu.publish(now, &room, &offer));
+                }
+                MediaCmd::View {
+                    room,
+                    offer,
+                    role,
+                    reply,
+                } => {
+                    let _ = reply.send(self.sfu.view(now, &room, &offer, role));
+                }
+                MediaCmd::ViewOffer {
+                    room,
+                    role,
+                    audio,
+                    reply,
+                } => {
+                    let _ = reply.send(self.sfu.view_offer(now, &room, role, audio));
+                }
+                MediaCmd::Answer { peer, sdp, reply } => {
+                    let _ = reply.send(self.sfu.accept_answer(now, peer, &sdp));
+                }
+                MediaCmd::Candidate {
+                    peer,
+                    candidate,
+                    reply,
+                } => {
+                    let _ = reply.send(self.sfu.add_remote_candidate(now, peer, &candidate));
+                }
+                MediaCmd::Remove { peer, reply } => {
+                    let _ = reply.send(self.sfu.remove_peer(now, peer));
+                }
+            }
+            self.publish_state(now);
+        }
+    }
+
+    fn publish_state(&mut self, now: Instant) {
+        self.last_publish = now;
+        if let Ok(mut s) = self.shared.stats.lock() {
+            *s = self.sfu.stats().clone();
+        }
+        let rooms: Vec<RoomInfo> = self
+            .sfu
+            .rooms()
+            .into_iter()
+            .map(|(name, publisher, viewers)| RoomInfo {
+                name,
+                publisher,
+                viewers,
+            })
+            .collect();
+        let viewers: usize = rooms.iter().map(|r| r.viewers).sum();
+        if let Ok(mut r) = self.shared.rooms.lock() {
+            *r = rooms;
+        }
+        self.shared
+            .peers
+            .store(self.sfu.peer_count() as u64, Ordering::Relaxed);
+        self.shared.viewers.store(viewers as u64, Ordering::Relaxed);
+    }
+}
