@@ -85,6 +85,8 @@ pub struct ViewStats {
     pub decoded_size: Option<(u32, u32)>,
     /// From sending the WHEP request to the first complete video frame.
     pub time_to_first_frame: Option<Duration>,
+    /// Whether the first video frame was a keyframe (a clean start).
+    pub first_frame_keyframe: bool,
     /// Messages received on `control` (from the publisher via the edge).
     pub control_messages_received: u64,
     /// Messages sent on `control`.
@@ -117,6 +119,7 @@ struct Shared {
     decoded_size: AtomicU64,
     /// Microseconds, or NONE.
     first_frame_us: AtomicU64,
+    first_frame_keyframe: AtomicBool,
     control_rx: AtomicU64,
     control_tx: AtomicU64,
     error: Mutex<Option<String>>,
@@ -137,6 +140,7 @@ impl Default for Shared {
             decode_skipped: AtomicU64::new(0),
             decoded_size: AtomicU64::new(NONE),
             first_frame_us: AtomicU64::new(NONE),
+            first_frame_keyframe: AtomicBool::new(false),
             control_rx: AtomicU64::new(0),
             control_tx: AtomicU64::new(0),
             error: Mutex::new(None),
@@ -162,6 +166,7 @@ impl Shared {
             decode_skipped: r(&self.decode_skipped),
             decoded_size: (size != NONE).then_some(((size >> 32) as u32, size as u32)),
             time_to_first_frame: (first != NONE).then(|| Duration::from_micros(first)),
+            first_frame_keyframe: self.first_frame_keyframe.load(Ordering::Relaxed),
             control_messages_received: r(&self.control_rx),
             control_messages_sent: r(&self.control_tx),
             error: self.error.lock().ok().and_then(|e| e.clone()),
@@ -376,12 +381,15 @@ fn media_loop(
                     }
                     Event::MediaData(md) if md.mid == ctx.video_mid => {
                         let n = shared.video_frames.fetch_add(1, Ordering::Relaxed);
+                        let is_h264 = md.params.spec().codec == Codec::H264;
+                        let keyframe = md.is_keyframe() || (is_h264 && annexb_has_idr(&md.data));
                         if n == 0 {
                             let us = ctx.requested.elapsed().as_micros() as u64;
                             shared.first_frame_us.store(us, Ordering::Relaxed);
+                            shared
+                                .first_frame_keyframe
+                                .store(keyframe, Ordering::Relaxed);
                         }
-                        let is_h264 = md.params.spec().codec == Codec::H264;
-                        let keyframe = md.is_keyframe() || (is_h264 && annexb_has_idr(&md.data));
                         if keyframe {
                             shared.keyframes.fetch_add(1, Ordering::Relaxed);
                         }

@@ -158,6 +158,7 @@ async fn publisher_edge_two_viewers_roles_and_control() {
         assert_eq!(s.error, None, "{s:?}");
         assert!(s.got_video(true), "{s:?}");
         assert!(s.keyframes >= 1, "{s:?}");
+        assert!(s.first_frame_keyframe, "viewer starts on a keyframe: {s:?}");
         assert_eq!(s.decoded_size, Some((320, 240)), "{s:?}");
         assert!(s.audio_frames > 0, "audio forwarded: {s:?}");
     }
