@@ -14,10 +14,19 @@ mod whep_client;
 
 /// Command line of the `edgerelay` binary.
 #[derive(Parser, Debug)]
-#[command(name = "edgerelay", version, about = "Edge media relay: WebRTC SFU with built-in STUN/TURN")]
+#[command(
+    name = "edgerelay",
+    version,
+    about = "Edge media relay: WebRTC SFU with built-in STUN/TURN"
+)]
 struct Cli {
     /// Log format: `human` (default) or `json`.
-    #[arg(long, global = true, default_value = "human", env = "EDGERELAY_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "human",
+        env = "EDGERELAY_LOG_FORMAT"
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Option<Command>,
@@ -49,7 +58,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
+        match cli
+            .command
+            .unwrap_or(Command::Demo(demo::DemoArgs::default()))
+        {
             Command::Demo(a) => demo::run(a).await,
             Command::Edge(a) => edge::run(a).await,
             Command::Publish(a) => publisher::run(a).await,
