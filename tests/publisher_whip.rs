@@ -279,3 +279,30 @@ async fn whep_client_reports_http_errors() {
     .await;
     assert!(r.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noisy_publisher_uses_its_bitrate() {
+    let sink = Arc::new(Sink::default());
+    let addr = serve(sink.clone()).await;
+    let mut args = small_args(format!("http://{addr}/whip/room1"), Some("secret"));
+    args.audio = false;
+    args.bitrate_kbps = 400;
+    let handle = publisher::start_with_noise(args, true)
+        .await
+        .expect("publisher starts");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while handle.stats().frames_sent < 30 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = handle.stop().await.expect("clean stop");
+    assert!(s.frames_sent >= 30, "{s:?}");
+    // 30 frames at 15 fps = 2 s; at 400 kbit/s that is about 100 kB.
+    let expected = s.frames_sent * 400_000 / 8 / 15;
+    assert!(
+        s.video_bytes_sent > expected / 2,
+        "{} bytes for {} frames (expected about {expected})",
+        s.video_bytes_sent,
+        s.frames_sent
+    );
+    assert!(sink.decoded.load(Ordering::Relaxed) >= 20);
+}

@@ -212,6 +212,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn noise_band_fills_the_bitrate() {
+        let encoded_bytes = |noise: bool| {
+            let mut g = PatternGenerator::new(320, 240).expect("generator");
+            g.set_noise(noise);
+            let mut enc = VideoEncoder::new(EncoderSettings {
+                bitrate_bps: 600_000,
+                fps: 15,
+                keyframe_interval_frames: 0,
+            })
+            .expect("encoder");
+            (0..30u64)
+                .map(|n| {
+                    let f = g.render(n, n * 66).clone();
+                    enc.encode(&f, false, n * 66)
+                        .expect("encode")
+                        .map_or(0, |e| e.data.len())
+                })
+                .sum::<usize>()
+        };
+        let quiet = encoded_bytes(false);
+        let noisy = encoded_bytes(true);
+        // 2 s at 600 kbit/s is 150 kB; the static pattern needs a small fraction.
+        assert!(noisy > 3 * quiet, "noisy {noisy} vs quiet {quiet}");
+        assert!(noisy > 60_000, "noisy stream uses the budget: {noisy}");
+    }
+
     /// Encoder speed at 720p (run with `--ignored --nocapture`; debug builds compile
     /// OpenH264 without optimisation unless the profile overrides it).
     #[test]

@@ -227,6 +227,7 @@ struct LoopConfig {
     fps: u32,
     encoder: EncoderSettings,
     control_tick: Option<Duration>,
+    noise: bool,
 }
 
 /// Negotiated session state handed to the media thread.
@@ -276,6 +277,12 @@ fn make_offer(ip: IpAddr, audio: bool) -> anyhow::Result<(Session, String, SdpPe
 /// Signals over WHIP and starts the media thread. Returns once the answer is applied
 /// (media connects in the background; watch [`PublisherStats::connected`]).
 pub async fn start(args: PublishArgs) -> anyhow::Result<PublisherHandle> {
+    start_with_noise(args, false).await
+}
+
+/// Like [`start`]; with `noise` the picture carries a band of fresh noise each frame so
+/// the stream really uses `bitrate_kbps` (realistic packet rates for load tests).
+pub async fn start_with_noise(args: PublishArgs, noise: bool) -> anyhow::Result<PublisherHandle> {
     args.validate()?;
     let ip = signal::local_ip_for(&args.whip)?;
     let (mut session, offer, pending) = make_offer(ip, args.audio)?;
@@ -311,6 +318,7 @@ pub async fn start(args: PublishArgs) -> anyhow::Result<PublisherHandle> {
         },
         control_tick: (args.control_tick_ms > 0)
             .then(|| Duration::from_millis(args.control_tick_ms)),
+        noise,
     };
     let shared = Arc::new(Shared::default());
     let (control_tx, control_rx) = mpsc::channel();
@@ -413,6 +421,7 @@ fn media_loop(
         control,
     } = s;
     let mut pattern = PatternGenerator::new(cfg.width, cfg.height)?;
+    pattern.set_noise(cfg.noise);
     let mut encoder = VideoEncoder::new(cfg.encoder)?;
     let frame_interval = Duration::from_secs(1) / cfg.fps;
     let audio_interval = Duration::from_millis(20);

@@ -245,6 +245,9 @@ pub struct PatternGenerator {
     frame: I420Frame,
     layout: Layout,
     text: String,
+    /// Noise band (first row, rows) when enabled, and the PRNG state.
+    noise: Option<(usize, usize)>,
+    rng: u64,
 }
 
 impl PatternGenerator {
@@ -285,7 +288,18 @@ impl PatternGenerator {
             frame,
             layout,
             text: String::with_capacity(32),
+            noise: None,
+            rng: 0x9E37_79B9_7F4A_7C15,
         })
+    }
+
+    /// Turns on a band of fresh luma noise every frame (the bottom sixth of the
+    /// picture), so the encoder spends its whole bitrate budget: realistic packet
+    /// rates for load tests instead of a near-static, tiny stream.
+    pub fn set_noise(&mut self, on: bool) {
+        let h = self.base.height;
+        let rows = (h / 6).max(2) & !1;
+        self.noise = on.then_some((h - rows, rows));
     }
 
     /// Renders frame number `frame_no` stamped with `unix_millis` (wall clock, UTC).
@@ -309,6 +323,22 @@ impl PatternGenerator {
             box_size / 2,
             ORANGE,
         );
+
+        if let Some((y0, rows)) = self.noise {
+            let (yp, _, _) = self.frame.planes_mut();
+            let band = &mut yp[y0 * w..(y0 + rows) * w];
+            let mut x = self.rng;
+            for chunk in band.chunks_mut(8) {
+                // xorshift64
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                for (d, b) in chunk.iter_mut().zip(x.to_le_bytes()) {
+                    *d = 16 + (b % 220);
+                }
+            }
+            self.rng = x;
+        }
 
         self.text.clear();
         let _ = write!(
