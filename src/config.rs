@@ -24,6 +24,10 @@ pub struct EdgeConfig {
     pub sfu: SfuSection,
     /// Draining on SIGTERM.
     pub drain: DrainConfig,
+    /// The built-in STUN/TURN server.
+    pub turn: crate::edge::turn::TurnSection,
+    /// Registration with the central gateway.
+    pub gateway: GatewayLinkConfig,
 }
 
 /// Node identity, as registered with the gateway.
@@ -87,7 +91,7 @@ impl Default for MediaConfig {
     }
 }
 
-/// Static bearer tokens (the gateway issue adds signed per-session tokens).
+/// Static bearer tokens and the keys of the gateway's signed per-session tokens.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -95,6 +99,55 @@ pub struct AuthConfig {
     pub publisher_tokens: Vec<String>,
     /// Tokens accepted on `POST /whep/{room}`.
     pub viewer_tokens: Vec<String>,
+    /// Keys verifying the gateway's session tokens (same list as the gateway's
+    /// `token_keys`; any of them is accepted, for rotation).
+    pub token_keys: Vec<String>,
+}
+
+/// Where and how this edge registers with the central gateway (`[gateway]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayLinkConfig {
+    /// Gateway base URL, e.g. `https://gateway.example.com:8444`; unset: no registration.
+    pub url: Option<String>,
+    /// Shared node key (one of the gateway's `node_keys`).
+    pub node_key: String,
+    /// Latitude of this node, degrees.
+    pub lat: f64,
+    /// Longitude of this node, degrees.
+    pub lon: f64,
+    /// Public HTTP(S) base URL of this edge; default `http://<bound http address>`.
+    pub http_url: Option<String>,
+    /// Public WebSocket base URL; default: `http_url` with `ws(s)://`.
+    pub ws_url: Option<String>,
+    /// Public STUN/TURN URLs handed to clients by the gateway.
+    pub ice_urls: Vec<String>,
+    /// Most viewers this edge takes (0: none).
+    pub max_viewers: u32,
+    /// Most egress bitrate, kbit/s (0: not limited).
+    pub max_egress_kbps: u64,
+    /// Heartbeat interval, milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Extra PEM CA certificate to trust for the gateway (self-signed deployments).
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Default for GatewayLinkConfig {
+    fn default() -> Self {
+        GatewayLinkConfig {
+            url: None,
+            node_key: String::new(),
+            lat: 0.0,
+            lon: 0.0,
+            http_url: None,
+            ws_url: None,
+            ice_urls: Vec::new(),
+            max_viewers: 1000,
+            max_egress_kbps: 0,
+            heartbeat_interval_ms: 2000,
+            ca_cert: None,
+        }
+    }
 }
 
 /// SFU tunables.
@@ -179,8 +232,76 @@ impl EdgeConfig {
         {
             bail!("auth: tokens must be at least 8 characters");
         }
-        if self.auth.publisher_tokens.is_empty() {
-            bail!("auth.publisher_tokens: at least one token is required (deny by default)");
+        if self.turn.enabled {
+            let t = &self.turn.server;
+            if t.listen_udp.is_empty() && t.listen_tcp.is_empty() && t.listen_tls.is_empty() {
+                bail!("turn.server: enabled but no listen_udp, listen_tcp or listen_tls address");
+            }
+            if !t.listen_tls.is_empty() && (t.tls_cert.is_none() || t.tls_key.is_none()) {
+                bail!("turn.server.tls_cert / tls_key: required when listen_tls is set");
+            }
+            if self.turn.credential_ttl_secs < 60 {
+                bail!("turn.credential_ttl_secs: at least 60");
+            }
+        }
+        if self.auth.publisher_tokens.is_empty() && self.auth.token_keys.is_empty() {
+            bail!("auth.publisher_tokens: at least one token (or auth.token_keys) is required (deny by default)");
+        }
+        if self.auth.token_keys.iter().any(|k| k.len() < 16) {
+            bail!("auth.token_keys: keys must be at least 16 characters");
+        }
+        self.validate_gateway()?;
+        Ok(())
+    }
+
+    fn validate_gateway(&self) -> anyhow::Result<()> {
+        let g = &self.gateway;
+        let Some(url) = &g.url else {
+            return Ok(());
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("gateway.url: must start with http:// or https://");
+        }
+        if g.node_key.len() < 16 {
+            bail!("gateway.node_key: required with gateway.url, at least 16 characters");
+        }
+        if !(-90.0..=90.0).contains(&g.lat) || !(-180.0..=180.0).contains(&g.lon) {
+            bail!("gateway.lat/gateway.lon: degrees, -90..90 and -180..180");
+        }
+        if let Some(u) = &g.http_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("gateway.http_url: must start with http:// or https://");
+            }
+        }
+        if let Some(u) = &g.ws_url {
+            if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+                bail!("gateway.ws_url: must start with ws:// or wss://");
+            }
+        }
+        if g.ice_urls.len() > 16
+            || g.ice_urls.iter().any(|u| {
+                !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:"))
+            })
+        {
+            bail!("gateway.ice_urls: at most 16 stun:/turn:/turns: URLs");
+        }
+        if !(100..=60_000).contains(&g.heartbeat_interval_ms) {
+            bail!("gateway.heartbeat_interval_ms: between 100 and 60000");
+        }
+        let ok_id = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        };
+        if !ok_id(&self.node.id) {
+            bail!("node.id: 1-64 characters of [A-Za-z0-9._-] when registering with a gateway");
+        }
+        if !ok_id(&self.node.region) {
+            bail!("node.region: 1-64 characters of [A-Za-z0-9._-] when registering with a gateway");
+        }
+        if self.auth.token_keys.is_empty() {
+            bail!("auth.token_keys: required with gateway.url (the gateway's token_keys)");
         }
         Ok(())
     }

@@ -58,6 +58,18 @@ fn random_token(prefix: &str) -> String {
     format!("{prefix}-{hex}")
 }
 
+/// Writes a fresh self-signed certificate and key (PEM) for localhost to a temp dir.
+pub fn self_signed_pair() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+    let dir = std::env::temp_dir().join(format!("edgerelay-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem())?;
+    std::fs::write(&key, ck.signing_key.serialize_pem())?;
+    Ok((cert, key))
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let pub_token = random_token("pub");
@@ -68,6 +80,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.auth.publisher_tokens = vec![pub_token.clone()];
     cfg.auth.viewer_tokens = vec![view_token.clone()];
     cfg.node.id = "demo-edge".into();
+    // Built-in TURN on ephemeral loopback ports: UDP, TCP and TLS (self-signed).
+    let (cert, key) = self_signed_pair().context("generating the demo TLS certificate")?;
+    cfg.turn.enabled = true;
+    cfg.turn.server.listen_udp = vec![([127, 0, 0, 1], 0).into()];
+    cfg.turn.server.listen_tcp = vec![([127, 0, 0, 1], 0).into()];
+    cfg.turn.server.listen_tls = vec![([127, 0, 0, 1], 0).into()];
+    cfg.turn.server.tls_cert = Some(cert);
+    cfg.turn.server.tls_key = Some(key);
+    cfg.turn.server.relay_ip = Some([127, 0, 0, 1].into());
+    cfg.turn.server.relay_port_min = 0;
+    cfg.turn.server.relay_port_max = 0;
     cfg.validate()?;
     let edge = match edge::start(&cfg).await {
         Ok(e) => e,
@@ -101,6 +124,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  WHEP:         POST {base}/whep/{}  (Authorization: Bearer {view_token})", args.room);
     println!("  WHIP:         POST {base}/whip/<room>  (Authorization: Bearer {pub_token})");
     println!("  metrics:      {base}/metrics");
+    for u in edge.turn_urls() {
+        println!("  TURN:         {u}");
+    }
     println!();
 
     if !args.check {

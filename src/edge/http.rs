@@ -11,11 +11,13 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use edgerelay_sfu::{Joined, PeerId, RoleRequest, SfuError};
+use edgerelay_sfu::{Joined, PeerId, SfuError};
 use tower_http::cors::{Any, CorsLayer};
 use tracing::{info, warn};
 
+use super::auth::{static_token_ok, Grant, Verifier};
 use super::media::{MediaCmd, MediaHandle};
+use crate::gateway::token::{now_unix, Role};
 use super::metrics::Metrics;
 
 /// Room names: what may appear in `/whip/{room}`.
@@ -31,12 +33,16 @@ pub struct AppState {
     pub viewer_tokens: Vec<String>,
     /// Prometheus exporter.
     pub metrics: Metrics,
-    /// `Link` header values advertising ICE servers, built per response.
-    pub ice_links: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// The built-in TURN server, advertised in `Link` headers.
+    pub turn: Option<Arc<super::turn::EdgeTurn>>,
     /// True once SIGTERM arrived: no new sessions.
     pub draining: std::sync::atomic::AtomicBool,
     /// Viewer page directory override.
     pub web_root: Option<std::path::PathBuf>,
+    /// Keys verifying the gateway's signed session tokens (`[auth] token_keys`).
+    pub token_keys: Vec<String>,
+    /// Peers per room, so sessions the gateway terminates can be closed.
+    pub sessions: super::register::PeerIndex,
 }
 
 /// An error response: status plus a one-line plain-text reason.
@@ -102,6 +108,8 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
             axum::routing::delete(resource_delete).patch(resource_patch),
         )
         .route("/whep/{room}", post(whep_post))
+        .route("/1.0/session/{id}/sockets/slave", get(super::ws::slave))
+        .route("/1.0/session/{id}/sockets/master", get(super::ws::master))
         .route(
             "/whep/{room}/{id}",
             axum::routing::delete(resource_delete).patch(resource_patch),
@@ -110,6 +118,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/rooms", get(rooms))
+        .route("/api/ice-servers", get(ice_servers))
         .route("/", get(index))
         .route("/viewer.js", get(viewer_js))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -118,30 +127,13 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .with_state(state)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then_some(token.trim())
-}
-
-/// Constant-time comparison against every configured token.
-fn token_ok(allowed: &[String], given: Option<&str>) -> bool {
-    let Some(given) = given else {
-        return false;
-    };
-    let mut ok = false;
-    for t in allowed {
-        let a = t.as_bytes();
-        let b = given.as_bytes();
-        let mut diff = (a.len() ^ b.len()) as u8;
-        for i in 0..a.len().max(b.len()) {
-            diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-        }
-        ok |= diff == 0;
-    }
-    ok
 }
 
 fn check_auth(
@@ -157,14 +149,49 @@ fn check_auth(
             StatusCode::UNAUTHORIZED,
             "missing bearer token (Authorization: Bearer <token>)",
         )),
-        Some(t) if !token_ok(allowed, Some(t)) => {
+        Some(t) if !static_token_ok(allowed, t) => {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))
         }
         Some(_) => Ok(()),
     }
 }
 
-fn check_room(room: &str) -> Result<(), ApiError> {
+/// Who may use `/whip/{room}` (publisher) or `/whep/{room}` (viewer).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Whip,
+    Whep,
+}
+
+/// Checks a static token or a gateway token for `room` (401/403 with a one-line reason).
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    room: &str,
+    ep: Endpoint,
+) -> Result<Grant, ApiError> {
+    let (statics, open, roles): (&[String], bool, &[Role]) = match ep {
+        Endpoint::Whip => (&state.publisher_tokens, false, &[Role::Publisher]),
+        Endpoint::Whep => (
+            &state.viewer_tokens,
+            true,
+            &[Role::Controller, Role::Spectator],
+        ),
+    };
+    let v = Verifier {
+        static_tokens: statics,
+        open_if_empty: open,
+        token_keys: &state.token_keys,
+    };
+    v.check(bearer(headers), room, roles, now_unix())
+        .map_err(|e| {
+            metrics::counter!("edgerelay_auth_refused_total", "endpoint" => if ep == Endpoint::Whip { "whip" } else { "whep" }).increment(1);
+            ApiError::new(e.status, e.message)
+        })
+}
+
+/// Room names: 1-64 characters of `[A-Za-z0-9._-]`.
+pub(crate) fn check_room(room: &str) -> Result<(), ApiError> {
     let ok = !room.is_empty()
         && room.len() <= MAX_ROOM_LEN
         && room
@@ -231,9 +258,11 @@ fn created(state: &AppState, kind: &str, room: &str, j: Joined) -> Response {
         "x-edgerelay-role",
         HeaderValue::from_static(j.role.as_str()),
     );
-    for link in (state.ice_links)() {
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            h.append(header::LINK, v);
+    if let Some(t) = &state.turn {
+        for link in t.link_headers(kind) {
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                h.append(header::LINK, v);
+            }
         }
     }
     resp
@@ -256,8 +285,8 @@ async fn whip_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_auth(&state.publisher_tokens, &headers, false)?;
     check_room(&room)?;
+    authorize(&state, &headers, &room, Endpoint::Whip)?;
     not_draining(&state)?;
     let offer = sdp_body(&headers, body, state.metrics.max_body)?;
     let r = room.clone();
@@ -273,6 +302,7 @@ async fn whip_post(
     match res {
         Ok(j) => {
             info!(%room, peer = j.peer.as_u64(), "WHIP publish accepted");
+            state.sessions.add(&room, j.peer, None);
             Ok(created(&state, "whip", &room, j))
         }
         Err(e) => {
@@ -289,8 +319,8 @@ async fn whep_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_auth(&state.viewer_tokens, &headers, true)?;
     check_room(&room)?;
+    let grant = authorize(&state, &headers, &room, Endpoint::Whep)?;
     not_draining(&state)?;
     let offer = sdp_body(&headers, body, state.metrics.max_body)?;
     let r = room.clone();
@@ -299,7 +329,7 @@ async fn whep_post(
         .call(|reply| MediaCmd::View {
             room: r,
             offer,
-            role: RoleRequest::Auto,
+            role: grant.viewer_role(),
             reply,
         })
         .await
@@ -307,6 +337,7 @@ async fn whep_post(
     match res {
         Ok(j) => {
             info!(%room, peer = j.peer.as_u64(), role = j.role.as_str(), "WHEP view accepted");
+            state.sessions.add(&room, j.peer, None);
             Ok(created(&state, "whep", &room, j))
         }
         Err(e) => {
@@ -330,11 +361,13 @@ async fn resource_delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let is_whip = method_path.path().starts_with("/whip/");
-    if is_whip {
-        check_auth(&state.publisher_tokens, &headers, false)?;
+    check_room(&room)?;
+    let ep = if is_whip {
+        Endpoint::Whip
     } else {
-        check_auth(&state.viewer_tokens, &headers, true)?;
-    }
+        Endpoint::Whep
+    };
+    authorize(&state, &headers, &room, ep)?;
     let peer = parse_peer(&id)?;
     let res = state
         .media
@@ -342,6 +375,7 @@ async fn resource_delete(
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     res?;
+    state.sessions.remove(&room, peer);
     info!(%room, peer = peer.as_u64(), "session deleted");
     Ok(StatusCode::OK.into_response())
 }
@@ -387,6 +421,20 @@ async fn rooms(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(rooms).into_response()
 }
 
+/// ICE servers (the built-in TURN with fresh credentials) for viewers holding a viewer token.
+async fn ice_servers(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_auth(&state.viewer_tokens, &headers, true)?;
+    let list: Vec<super::turn::IceServer> = state
+        .turn
+        .iter()
+        .map(|t| t.ice_server("viewer"))
+        .collect();
+    Ok(axum::Json(list).into_response())
+}
+
 async fn index(State(state): State<Arc<AppState>>) -> Response {
     static_file(
         &state,
@@ -429,18 +477,6 @@ async fn static_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_compare_exactly() {
-        let allowed = vec!["secret-token".to_string(), "other-token-1".to_string()];
-        assert!(token_ok(&allowed, Some("secret-token")));
-        assert!(token_ok(&allowed, Some("other-token-1")));
-        assert!(!token_ok(&allowed, Some("secret-toke")));
-        assert!(!token_ok(&allowed, Some("secret-tokenX")));
-        assert!(!token_ok(&allowed, Some("")));
-        assert!(!token_ok(&allowed, None));
-        assert!(!token_ok(&[], Some("x")));
-    }
 
     #[test]
     fn room_names_are_bounded() {

@@ -11,7 +11,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
+use edgerelay_turn::{LocalPacket, TurnHandle};
+
+use super::turn::Waker;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -99,6 +104,10 @@ pub struct Shared {
     pub viewers: AtomicU64,
     /// Datagrams the socket failed to send.
     pub send_errors: AtomicU64,
+    /// Datagrams received from TURN clients through the in-process hand-off.
+    pub relayed_in: AtomicU64,
+    /// Datagrams sent to TURN clients through the in-process hand-off.
+    pub relayed_out: AtomicU64,
     /// The thread is running.
     pub alive: AtomicBool,
     /// Set to stop the thread.
@@ -109,8 +118,7 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct MediaHandle {
     tx: mpsc::Sender<MediaCmd>,
-    waker: Arc<UdpSocket>,
-    wake_to: SocketAddr,
+    waker: Arc<Waker>,
     /// Published state.
     pub shared: Arc<Shared>,
     /// The bound media address.
@@ -130,27 +138,32 @@ impl MediaHandle {
     ) -> Result<T, MediaGone> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| MediaGone)?;
-        let _ = self.waker.send_to(&[0], self.wake_to);
+        self.waker.wake_now();
         rx.await.map_err(|_| MediaGone)
     }
 
     /// Asks the thread to stop.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        let _ = self.waker.send_to(&[0], self.wake_to);
+        self.waker.wake_now();
     }
 }
 
-/// Binds the media socket and starts the thread.
-pub fn spawn(
-    listen: SocketAddr,
-    candidates: impl FnOnce(SocketAddr) -> Vec<SocketAddr>,
-    mut cfg: SfuConfig,
-) -> anyhow::Result<MediaHandle> {
+/// The bound media socket and its waker, before the thread starts (TURN needs
+/// the waker for its hand-off first).
+pub struct MediaSocket {
+    socket: UdpSocket,
+    /// Wakes the media thread.
+    pub waker: Arc<Waker>,
+    /// The bound address.
+    pub local_addr: SocketAddr,
+}
+
+/// Binds the one UDP media socket.
+pub fn bind(listen: SocketAddr) -> anyhow::Result<MediaSocket> {
     let socket = UdpSocket::bind(listen)
         .map_err(|e| anyhow::anyhow!("media.listen: cannot bind UDP {listen}: {e}"))?;
     let local_addr = socket.local_addr()?;
-    cfg.candidates = candidates(local_addr);
     let wake_to = if local_addr.ip().is_unspecified() {
         if local_addr.is_ipv4() {
             SocketAddr::from(([127, 0, 0, 1], local_addr.port()))
@@ -160,18 +173,35 @@ pub fn spawn(
     } else {
         local_addr
     };
-    let waker_bind: SocketAddr = if wake_to.is_ipv4() {
-        ([127, 0, 0, 1], 0).into()
-    } else {
-        (std::net::Ipv6Addr::LOCALHOST, 0).into()
-    };
-    let waker = UdpSocket::bind(waker_bind)?;
+    Ok(MediaSocket {
+        socket,
+        waker: Arc::new(Waker::new(wake_to)?),
+        local_addr,
+    })
+}
+
+/// The TURN side of the media thread: where relayed packets come from and go to.
+pub struct TurnLink {
+    /// Sends SFU output to relayed addresses.
+    pub handle: TurnHandle,
+    /// Relayed packets for the SFU.
+    pub rx: mpsc::Receiver<LocalPacket>,
+}
+
+/// Starts the media thread on a bound socket.
+pub fn spawn(ms: MediaSocket, cfg: SfuConfig, turn: Option<TurnLink>) -> anyhow::Result<MediaHandle> {
+    let MediaSocket {
+        socket,
+        waker,
+        local_addr,
+    } = ms;
     let waker_addr = waker.local_addr()?;
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared::default());
     shared.alive.store(true, Ordering::Relaxed);
     let thread_shared = shared.clone();
     let candidates = cfg.candidates.clone();
+    let thread_waker = waker.clone();
     std::thread::Builder::new()
         .name("media".into())
         .spawn(move || {
@@ -181,9 +211,13 @@ pub fn spawn(
                 local_addr,
                 candidates,
                 waker_addr,
+                waker: thread_waker,
                 rx,
+                turn,
+                relayed: HashMap::new(),
                 shared: thread_shared.clone(),
                 last_publish: Instant::now(),
+                last_prune: Instant::now(),
             };
             engine.run();
             thread_shared.alive.store(false, Ordering::Relaxed);
@@ -191,8 +225,7 @@ pub fn spawn(
     info!(%local_addr, "media thread started");
     Ok(MediaHandle {
         tx,
-        waker: Arc::new(waker),
-        wake_to,
+        waker,
         shared,
         local_addr,
     })
@@ -204,9 +237,14 @@ struct Engine {
     local_addr: SocketAddr,
     candidates: Vec<SocketAddr>,
     waker_addr: SocketAddr,
+    waker: Arc<Waker>,
     rx: mpsc::Receiver<MediaCmd>,
+    turn: Option<TurnLink>,
+    /// Relayed addresses heard from through the hand-off, with when last heard.
+    relayed: HashMap<SocketAddr, Instant>,
     shared: Arc<Shared>,
     last_publish: Instant,
+    last_prune: Instant,
 }
 
 impl Engine {
@@ -218,6 +256,7 @@ impl Engine {
                 return;
             }
             self.commands();
+            self.handoff_in();
             self.flush();
             let now = Instant::now();
             let next = self
@@ -256,6 +295,12 @@ impl Engine {
             if now.saturating_duration_since(self.last_publish) >= Duration::from_millis(250) {
                 self.publish_state(now);
             }
+            if now.saturating_duration_since(self.last_prune) >= Duration::from_secs(30) {
+                self.last_prune = now;
+                // TURN allocations live at most an hour; forget relays silent for longer.
+                self.relayed
+                    .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(3600));
+            }
         }
     }
 
@@ -269,8 +314,36 @@ impl Engine {
             .unwrap_or(self.local_addr)
     }
 
+    /// Feeds packets relayed by the built-in TURN server to the SFU.
+    fn handoff_in(&mut self) {
+        let Some(turn) = &self.turn else {
+            return;
+        };
+        self.waker.pending.store(false, Ordering::Release);
+        let now = Instant::now();
+        for _ in 0..4096 {
+            let Ok(p) = turn.rx.try_recv() else {
+                break;
+            };
+            if self.relayed.len() < 100_000 || self.relayed.contains_key(&p.relay) {
+                self.relayed.insert(p.relay, now);
+            }
+            self.shared.relayed_in.fetch_add(1, Ordering::Relaxed);
+            self.sfu.handle_datagram(now, p.relay, p.sfu, &p.data);
+        }
+    }
+
     fn flush(&mut self) {
         while let Some(t) = self.sfu.poll_transmit() {
+            if let Some(turn) = &self.turn {
+                if self.relayed.contains_key(&t.destination) {
+                    self.shared.relayed_out.fetch_add(1, Ordering::Relaxed);
+                    if !turn.handle.send_from_local(t.source, t.destination, &t.contents) {
+                        self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            }
             if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
                 self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(dest = %t.destination, "media send failed: {e}");

@@ -1,9 +1,13 @@
 //! The edge service: HTTP signalling (tokio/axum), the media thread (SFU core),
 //! metrics, and draining on SIGTERM.
 
+pub mod auth;
 pub mod http;
 pub mod media;
 pub mod metrics;
+pub mod register;
+pub mod ws;
+pub mod turn;
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -89,6 +93,8 @@ pub struct Edge {
     /// Shared handler state.
     pub state: Arc<http::AppState>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Registration with the gateway (`[gateway] url`).
+    registration: Option<register::Registration>,
 }
 
 impl Edge {
@@ -100,6 +106,9 @@ impl Edge {
     /// Stops taking new sessions; waits until viewers are gone or `timeout` passes.
     pub async fn drain(&self, timeout: Duration) {
         self.state.draining.store(true, Ordering::Relaxed);
+        if let Some(r) = &self.registration {
+            r.beat_now().await;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let peers = self.state.media.shared.peers.load(Ordering::Relaxed);
@@ -111,10 +120,29 @@ impl Edge {
         }
     }
 
-    /// Stops the HTTP server and the media thread.
+    /// Tells the gateway (if any) that this node is leaving.
+    pub async fn leave_gateway(&mut self) {
+        if let Some(r) = self.registration.take() {
+            r.deregister().await;
+        }
+    }
+
+    /// Stops the HTTP server, the media thread and TURN.
     pub fn shutdown(self) {
         self.server.abort();
         self.state.media.stop();
+        if let Some(t) = &self.state.turn {
+            t.stop();
+        }
+    }
+
+    /// The TURN URLs this edge advertises (empty without TURN).
+    pub fn turn_urls(&self) -> Vec<String> {
+        self.state
+            .turn
+            .as_ref()
+            .map(|t| t.urls().to_vec())
+            .unwrap_or_default()
     }
 }
 
@@ -127,8 +155,24 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
         ..SfuConfig::default()
     };
-    let c2 = cfg.clone();
-    let media = media::spawn(cfg.media.listen, move |b| c2.candidates(b), sfu_cfg)?;
+    let ms = media::bind(cfg.media.listen)?;
+    let candidates = cfg.candidates(ms.local_addr);
+    let sfu_cfg = SfuConfig {
+        candidates: candidates.clone(),
+        ..sfu_cfg
+    };
+    let (turn, link) = if cfg.turn.enabled {
+        let (handoff, rx) = turn::Handoff::new(candidates.clone(), ms.waker.clone());
+        let t = Arc::new(turn::EdgeTurn::start(&cfg.turn, &candidates, handoff)?);
+        let link = media::TurnLink {
+            handle: t.handle.clone(),
+            rx,
+        };
+        (Some(t), Some(link))
+    } else {
+        (None, None)
+    };
+    let media = media::spawn(ms, sfu_cfg, link)?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -139,9 +183,11 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         publisher_tokens: cfg.auth.publisher_tokens.clone(),
         viewer_tokens: cfg.auth.viewer_tokens.clone(),
         metrics: metrics::Metrics::install(cfg.http.max_body_bytes)?,
-        ice_links: Box::new(Vec::new),
+        turn: turn.clone(),
         draining: Default::default(),
         web_root: cfg.http.web_root.clone(),
+        token_keys: cfg.auth.token_keys.clone(),
+        sessions: Default::default(),
     });
     let app = http::router(state.clone(), cfg.http.max_body_bytes);
     let server = tokio::spawn(async move {
@@ -149,25 +195,33 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         Ok(())
     });
     info!(http = %http_addr, media = %media_addr, node = %cfg.node.id, "edge started");
+    let registration = register::start(cfg, http_addr, state.clone())?;
     Ok(Edge {
         http_addr,
         media_addr,
         state,
         server,
+        registration,
     })
 }
 
 /// Runs an edge until SIGINT/SIGTERM, then drains.
 pub async fn run(args: EdgeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
-    let edge = start(&cfg).await?;
+    let mut edge = start(&cfg).await?;
     {
         let mut out = std::io::stdout().lock();
+        let turn: Vec<String> = edge
+            .turn_urls()
+            .iter()
+            .map(|u| format!(" turn={u}"))
+            .collect();
         writeln!(
             out,
-            "EDGERELAY_READY http={} media={}",
+            "EDGERELAY_READY http={} media={}{}",
             edge.base_url(),
-            edge.media_addr
+            edge.media_addr,
+            turn.concat()
         )?;
         out.flush()?;
     }
@@ -177,6 +231,7 @@ pub async fn run(args: EdgeArgs) -> anyhow::Result<()> {
         "signal received: draining"
     );
     edge.drain(cfg.drain_timeout()).await;
+    edge.leave_gateway().await;
     edge.shutdown();
     Ok(())
 }
