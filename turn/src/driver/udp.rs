@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use std::io::IoSliceMut;
 
 use super::Cmd;
 use crate::config::TurnConfig;
@@ -22,7 +24,12 @@ const LISTENER_BASE: usize = 1;
 const RELAY_BASE: usize = 1 << 20;
 /// Headroom before the payload for an in-place ChannelData header.
 const HEADROOM: usize = 4;
-const BUF_LEN: usize = 65_536 + 16;
+/// Receive slot size (room for a GRO-coalesced batch of datagrams).
+const SLOT_LEN: usize = HEADROOM + 65_536;
+/// Receive slots (one recvmmsg batch).
+const SLOTS: usize = quinn_udp::BATCH_SIZE;
+/// Most bytes in one GSO send.
+const GSO_MAX_BYTES: usize = 60_000;
 /// Socket buffer size requested for listeners and relays.
 const SOCK_BUF: usize = 4 << 20;
 
@@ -35,6 +42,7 @@ fn tune(sock: &StdUdp) {
 struct RelaySock {
     sock: UdpSocket,
     addr: SocketAddr,
+    state: UdpSocketState,
 }
 
 /// The driver's relay allocator: one UDP socket per allocation.
@@ -92,6 +100,7 @@ impl Relays {
         std.set_nonblocking(true).ok()?;
         let local = std.local_addr().ok()?;
         let addr = SocketAddr::new(ext.unwrap_or(local.ip()), local.port());
+        let state = UdpSocketState::new(UdpSockRef::from(&std)).ok()?;
         let mut sock = UdpSocket::from_std(std);
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -108,7 +117,7 @@ impl Relays {
             self.free.push(idx);
             return None;
         }
-        self.socks[idx] = Some(RelaySock { sock, addr });
+        self.socks[idx] = Some(RelaySock { sock, addr, state });
         if let Ok(mut s) = self.shared.write() {
             s.insert(addr);
         }
@@ -157,19 +166,112 @@ impl RelayAllocator for Relays {
     }
 }
 
+struct Listener {
+    sock: UdpSocket,
+    addr: SocketAddr,
+    state: UdpSocketState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    Listener(usize),
+    Relay(usize),
+}
+
+/// A run of equal-size datagrams for one socket and destination, sent with one
+/// GSO `sendmsg` (or one plain send for a single datagram).
+struct Run {
+    out: Out,
+    dest: SocketAddr,
+    seg: usize,
+    count: usize,
+    closed: bool,
+    buf: Vec<u8>,
+}
+
+/// Collects the outputs of one receive batch and sends them in GSO runs.
+struct Batcher {
+    runs: Vec<Run>,
+    pool: Vec<Vec<u8>>,
+    max_segments: usize,
+    errors: u64,
+}
+
+impl Batcher {
+    fn push(&mut self, out: Out, dest: SocketAddr, data: &[u8]) {
+        let len = data.len();
+        if let Some(r) = self
+            .runs
+            .iter_mut()
+            .rev()
+            .find(|r| r.out == out && r.dest == dest)
+        {
+            if !r.closed
+                && len <= r.seg
+                && len > 0
+                && r.count < self.max_segments
+                && r.buf.len() + len <= GSO_MAX_BYTES
+            {
+                r.buf.extend_from_slice(data);
+                r.count += 1;
+                r.closed = len < r.seg;
+                return;
+            }
+        }
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.runs.push(Run {
+            out,
+            dest,
+            seg: len,
+            count: 1,
+            closed: false,
+            buf,
+        });
+    }
+
+    fn flush(&mut self, listeners: &[Listener], relays: &Relays) {
+        for r in self.runs.drain(..) {
+            let t = Transmit {
+                destination: r.dest,
+                ecn: None,
+                contents: &r.buf,
+                segment_size: (r.count > 1).then_some(r.seg),
+                src_ip: None,
+            };
+            let res = match r.out {
+                Out::Listener(i) => listeners
+                    .get(i)
+                    .map(|l| l.state.send(UdpSockRef::from(&l.sock), &t)),
+                Out::Relay(i) => relays
+                    .socks
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .map(|s| s.state.send(UdpSockRef::from(&s.sock), &t)),
+            };
+            if !matches!(res, Some(Ok(()))) {
+                self.errors += r.count as u64;
+            }
+            self.pool.push(r.buf);
+        }
+    }
+}
+
 pub(crate) struct TurnThread {
     poll: Poll,
     waker: Arc<Waker>,
     pending: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    listeners: Vec<(UdpSocket, SocketAddr)>,
+    listeners: Vec<Listener>,
     relays: Relays,
     core: Server,
     rx: Receiver<Cmd>,
     local: Option<Arc<dyn LocalPeer>>,
     streams: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>,
-    buf: Vec<u8>,
-    send_errors: u64,
+    slots: Vec<Vec<u8>>,
+    metas: Vec<RecvMeta>,
+    batch: Batcher,
 }
 
 /// A default relay IP: the listen IP if specific, else the address the kernel
@@ -191,6 +293,47 @@ fn default_relay_ip(cfg: &TurnConfig) -> IpAddr {
     probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
+/// Route one core action: UDP sends are batched, stream frames queued, SFU
+/// packets delivered in-process.
+fn route(
+    action: Action<'_>,
+    listeners: &[Listener],
+    streams: &HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>,
+    local: Option<&dyn LocalPeer>,
+    batch: &mut Batcher,
+) {
+    match action {
+        Action::None => {}
+        Action::ToClient { tuple, data } => match tuple.transport {
+            Transport::Udp => {
+                let i = listeners
+                    .iter()
+                    .position(|l| l.addr == tuple.local)
+                    .unwrap_or(0);
+                batch.push(Out::Listener(i), tuple.client, data);
+            }
+            Transport::Tcp | Transport::Tls => {
+                if let Some(tx) = streams.get(&tuple.client) {
+                    if tx.try_send(data.to_vec()).is_err() {
+                        batch.errors += 1;
+                    }
+                }
+            }
+        },
+        Action::ToPeer {
+            relay_id,
+            peer,
+            data,
+            ..
+        } => batch.push(Out::Relay(relay_id as usize), peer, data),
+        Action::ToLocal { relay, sfu, data } => {
+            if let Some(l) = local {
+                l.deliver(relay, sfu, data);
+            }
+        }
+    }
+}
+
 impl TurnThread {
     pub(crate) fn bind(
         cfg: &TurnConfig,
@@ -202,15 +345,18 @@ impl TurnThread {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut listeners = Vec::new();
+        let mut max_segments = 64;
         for (i, a) in cfg.listen_udp.iter().enumerate() {
             let std = StdUdp::bind(a)?;
             tune(&std);
             std.set_nonblocking(true)?;
             let addr = std.local_addr()?;
-            let mut s = UdpSocket::from_std(std);
+            let state = UdpSocketState::new(UdpSockRef::from(&std))?;
+            max_segments = max_segments.min(state.max_gso_segments().max(1));
+            let mut sock = UdpSocket::from_std(std);
             poll.registry()
-                .register(&mut s, Token(LISTENER_BASE + i), Interest::READABLE)?;
-            listeners.push((s, addr));
+                .register(&mut sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            listeners.push(Listener { sock, addr, state });
         }
         let ip4 = match cfg.relay_ip {
             Some(ip) => Some(ip),
@@ -241,8 +387,14 @@ impl TurnThread {
             rx,
             local,
             streams: HashMap::new(),
-            buf: vec![0u8; BUF_LEN],
-            send_errors: 0,
+            slots: (0..SLOTS).map(|_| vec![0u8; SLOT_LEN]).collect(),
+            metas: vec![RecvMeta::default(); SLOTS],
+            batch: Batcher {
+                runs: Vec::new(),
+                pool: Vec::new(),
+                max_segments,
+                errors: 0,
+            },
         })
     }
 
@@ -256,7 +408,7 @@ impl TurnThread {
         self.stop.clone()
     }
     pub(crate) fn udp_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.1).collect()
+        self.listeners.iter().map(|l| l.addr).collect()
     }
 
     pub(crate) fn run(mut self) {
@@ -282,89 +434,110 @@ impl TurnThread {
                 if t == WAKER.0 {
                     continue;
                 } else if t >= RELAY_BASE {
-                    self.drain_relay(t - RELAY_BASE);
+                    self.drain(Out::Relay(t - RELAY_BASE));
                 } else if t >= LISTENER_BASE {
-                    self.drain_listener(t - LISTENER_BASE);
+                    self.drain(Out::Listener(t - LISTENER_BASE));
                 }
             }
             self.drain_commands();
             let now = Instant::now();
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now, &mut self.relays);
-                if self.send_errors > 0 {
+                if self.batch.errors > 0 {
                     metrics::counter!("edgerelay_turn_dropped_total", "reason" => "send_error")
-                        .increment(std::mem::take(&mut self.send_errors));
+                        .increment(std::mem::take(&mut self.batch.errors));
                 }
             }
         }
         tracing::debug!("TURN thread stopped");
     }
 
-    fn drain_listener(&mut self, i: usize) {
-        // Bounded per wake-up so relays are served fairly; mio is edge-triggered,
-        // so re-arm by looping until WouldBlock.
+    /// Receive until the socket would block (mio is edge-triggered), one
+    /// recvmmsg batch at a time; the outputs of each batch go out in GSO runs.
+    fn drain(&mut self, src: Out) {
         loop {
-            let Some((sock, local)) = self.listeners.get(i) else {
-                return;
-            };
-            let local = *local;
-            let (n, from) = match sock.recv_from(&mut self.buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => continue, // ICMP errors surfaced as ECONNREFUSED etc.
-            };
-            let tuple = FiveTuple {
-                transport: Transport::Udp,
-                client: from,
-                local,
+            let n = {
+                let (sock, state) = match src {
+                    Out::Listener(i) => match self.listeners.get(i) {
+                        Some(l) => (&l.sock, &l.state),
+                        None => return,
+                    },
+                    Out::Relay(i) => match self.relays.socks.get(i) {
+                        Some(Some(r)) => (&r.sock, &r.state),
+                        _ => return,
+                    },
+                };
+                let mut iovs: Vec<IoSliceMut<'_>> = self
+                    .slots
+                    .iter_mut()
+                    .map(|s| IoSliceMut::new(&mut s[HEADROOM..]))
+                    .collect();
+                match state.recv(UdpSockRef::from(sock), &mut iovs, &mut self.metas) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => continue, // ICMP errors surfaced as ECONNREFUSED etc.
+                }
             };
             let now = Instant::now();
-            let action = self
-                .core
-                .handle_client(now, tuple, &self.buf[..n], &mut self.relays);
-            execute(
-                action,
-                &self.listeners,
-                &self.relays,
-                &self.streams,
-                self.local.as_deref(),
-                &mut self.send_errors,
-            );
-        }
-    }
-
-    fn drain_relay(&mut self, idx: usize) {
-        loop {
-            let Some(Some(r)) = self.relays.socks.get(idx) else {
-                return;
-            };
-            let relay = r.addr;
-            let (n, from) = match r.sock.recv_from(&mut self.buf[HEADROOM..]) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => continue,
-            };
-            let now = Instant::now();
-            let action =
-                self.core
-                    .handle_peer(now, relay, from, &mut self.buf, HEADROOM, HEADROOM + n);
-            execute(
-                action,
-                &self.listeners,
-                &self.relays,
-                &self.streams,
-                self.local.as_deref(),
-                &mut self.send_errors,
-            );
+            for j in 0..n.min(SLOTS) {
+                let meta = self.metas[j];
+                let stride = meta.stride.max(1);
+                let total = meta.len.min(SLOT_LEN - HEADROOM);
+                let mut off = 0;
+                while off < total {
+                    let seg = stride.min(total - off);
+                    let start = HEADROOM + off;
+                    let end = start + seg;
+                    off += seg;
+                    let action = match src {
+                        Out::Listener(i) => {
+                            let tuple = FiveTuple {
+                                transport: Transport::Udp,
+                                client: meta.addr,
+                                local: self.listeners.get(i).map(|l| l.addr).unwrap_or(meta.addr),
+                            };
+                            self.core.handle_client(
+                                now,
+                                tuple,
+                                &self.slots[j][start..end],
+                                &mut self.relays,
+                            )
+                        }
+                        Out::Relay(i) => {
+                            let Some(Some(r)) = self.relays.socks.get(i) else {
+                                break;
+                            };
+                            let relay = r.addr;
+                            // Slice ends at this datagram so in-place padding never
+                            // touches the next GRO segment.
+                            self.core.handle_peer(
+                                now,
+                                relay,
+                                meta.addr,
+                                &mut self.slots[j][..end],
+                                start,
+                                end,
+                            )
+                        }
+                    };
+                    route(
+                        action,
+                        &self.listeners,
+                        &self.streams,
+                        self.local.as_deref(),
+                        &mut self.batch,
+                    );
+                }
+            }
+            self.batch.flush(&self.listeners, &self.relays);
         }
     }
 
     fn drain_commands(&mut self) {
         self.pending.store(false, Ordering::Release);
-        // Bounded: at most the channel capacity per round.
         let mut exhausted = false;
+        // Bounded: at most the channel capacity per round.
         for _ in 0..super::COMMAND_CAPACITY {
             let Ok(cmd) = self.rx.try_recv() else {
                 exhausted = true;
@@ -381,90 +554,38 @@ impl TurnThread {
                 }
                 Cmd::StreamFrame { tuple, data } => {
                     let action = self.core.handle_client(now, tuple, &data, &mut self.relays);
-                    execute(
+                    route(
                         action,
                         &self.listeners,
-                        &self.relays,
                         &self.streams,
                         self.local.as_deref(),
-                        &mut self.send_errors,
+                        &mut self.batch,
                     );
                 }
                 Cmd::FromLocal { sfu, relay, data } => {
-                    let n = data.len().min(BUF_LEN - HEADROOM - 4);
-                    self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&data[..n]);
-                    let action = self.core.handle_peer(
-                        now,
-                        relay,
-                        sfu,
-                        &mut self.buf,
-                        HEADROOM,
-                        HEADROOM + n,
-                    );
-                    execute(
+                    let n = data.len().min(SLOT_LEN - HEADROOM);
+                    let slot = &mut self.slots[0];
+                    slot[HEADROOM..HEADROOM + n].copy_from_slice(&data[..n]);
+                    let action =
+                        self.core
+                            .handle_peer(now, relay, sfu, slot, HEADROOM, HEADROOM + n);
+                    route(
                         action,
                         &self.listeners,
-                        &self.relays,
                         &self.streams,
                         self.local.as_deref(),
-                        &mut self.send_errors,
+                        &mut self.batch,
                     );
                 }
             }
+            if self.batch.runs.len() >= 64 {
+                self.batch.flush(&self.listeners, &self.relays);
+            }
         }
+        self.batch.flush(&self.listeners, &self.relays);
         // Bounded round: if work remains, make sure the next poll returns at once.
         if !exhausted && !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();
-        }
-    }
-}
-
-fn execute(
-    action: Action<'_>,
-    listeners: &[(UdpSocket, SocketAddr)],
-    relays: &Relays,
-    streams: &HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>,
-    local: Option<&dyn LocalPeer>,
-    errors: &mut u64,
-) {
-    match action {
-        Action::None => {}
-        Action::ToClient { tuple, data } => match tuple.transport {
-            Transport::Udp => {
-                let sock = listeners
-                    .iter()
-                    .find(|l| l.1 == tuple.local)
-                    .or(listeners.first());
-                if let Some((s, _)) = sock {
-                    if s.send_to(data, tuple.client).is_err() {
-                        *errors += 1;
-                    }
-                }
-            }
-            Transport::Tcp | Transport::Tls => {
-                if let Some(tx) = streams.get(&tuple.client) {
-                    if tx.try_send(data.to_vec()).is_err() {
-                        *errors += 1;
-                    }
-                }
-            }
-        },
-        Action::ToPeer {
-            relay_id,
-            peer,
-            data,
-            ..
-        } => {
-            if let Some(Some(r)) = relays.socks.get(relay_id as usize) {
-                if r.sock.send_to(data, peer).is_err() {
-                    *errors += 1;
-                }
-            }
-        }
-        Action::ToLocal { relay, sfu, data } => {
-            if let Some(l) = local {
-                l.deliver(relay, sfu, data);
-            }
         }
     }
 }
