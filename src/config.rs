@@ -268,10 +268,14 @@ impl EdgeConfig {
         if !(-90.0..=90.0).contains(&g.lat) || !(-180.0..=180.0).contains(&g.lon) {
             bail!("gateway.lat/gateway.lon: degrees, -90..90 and -180..180");
         }
-        if let Some(u) = &g.http_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+        match &g.http_url {
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                 bail!("gateway.http_url: must start with http:// or https://");
             }
+            None if self.http.listen.ip().is_unspecified() => {
+                bail!("gateway.http_url: required when http.listen binds an unspecified address ({}); give the public URL clients reach", self.http.listen);
+            }
+            _ => {}
         }
         if let Some(u) = &g.ws_url {
             if !(u.starts_with("ws://") || u.starts_with("wss://")) {
@@ -349,6 +353,22 @@ mod tests {
         cfg.sfu.max_viewers_per_room = 0;
         let e = cfg.validate().expect_err("zero viewers");
         assert!(e.to_string().starts_with("sfu.max_viewers_per_room"), "{e}");
+        let mut cfg = EdgeConfig::default();
+        cfg.auth.publisher_tokens = vec!["long-enough-token".into()];
+        cfg.gateway.url = Some("http://127.0.0.1:8444".into());
+        let e = cfg.validate().expect_err("no node key");
+        assert!(e.to_string().starts_with("gateway.node_key"), "{e}");
+        cfg.gateway.node_key = "node-key-0123456789".into();
+        let e = cfg.validate().expect_err("no token keys");
+        assert!(e.to_string().starts_with("auth.token_keys"), "{e}");
+        cfg.auth.token_keys = vec!["short".into()];
+        let e = cfg.validate().expect_err("short token key");
+        assert!(e.to_string().starts_with("auth.token_keys"), "{e}");
+        cfg.auth.token_keys = vec!["token-key-0123456789".into()];
+        cfg.validate().expect("gateway config valid");
+        cfg.gateway.lat = 91.0;
+        let e = cfg.validate().expect_err("bad lat");
+        assert!(e.to_string().starts_with("gateway.lat"), "{e}");
         let mut cfg = EdgeConfig::default();
         let e = cfg.validate().expect_err("no tokens");
         assert!(e.to_string().starts_with("auth.publisher_tokens"), "{e}");

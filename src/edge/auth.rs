@@ -192,7 +192,9 @@ mod tests {
             Err("token expired".into())
         );
         let forged = tok("not-the-key-not-the-key", "s1", Role::Publisher, NOW + 60);
-        let e = v.check(Some(&forged), "s1", &pubr, NOW).expect_err("forged");
+        let e = v
+            .check(Some(&forged), "s1", &pubr, NOW)
+            .expect_err("forged");
         assert_eq!(
             (e.status, e.message.as_str()),
             (StatusCode::UNAUTHORIZED, "bad token signature")
@@ -236,8 +238,7 @@ mod tests {
         // But a publisher token or another session's token is refused, even there.
         let p = tok(KEY, "s1", Role::Publisher, NOW + 60);
         assert_eq!(
-            v.check(Some(&p), "s1", &viewers, NOW)
-                .map_err(|e| e.status),
+            v.check(Some(&p), "s1", &viewers, NOW).map_err(|e| e.status),
             Err(StatusCode::FORBIDDEN)
         );
         assert_eq!(

@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use super::auth::{static_token_ok, Grant, Verifier};
 use super::media::{MediaCmd, MediaHandle};
-use crate::gateway::token::{now_unix, Role};
 use super::metrics::Metrics;
+use crate::gateway::token::{now_unix, Role};
 
 /// Room names: what may appear in `/whip/{room}`.
 const MAX_ROOM_LEN: usize = 64;
@@ -427,11 +427,8 @@ async fn ice_servers(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_auth(&state.viewer_tokens, &headers, true)?;
-    let list: Vec<super::turn::IceServer> = state
-        .turn
-        .iter()
-        .map(|t| t.ice_server("viewer"))
-        .collect();
+    let list: Vec<super::turn::IceServer> =
+        state.turn.iter().map(|t| t.ice_server("viewer")).collect();
     Ok(axum::Json(list).into_response())
 }
 

@@ -6,8 +6,8 @@ pub mod http;
 pub mod media;
 pub mod metrics;
 pub mod register;
-pub mod ws;
 pub mod turn;
+pub mod ws;
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};

@@ -98,7 +98,8 @@ impl PeerIndex {
         }
     }
 
-    /// Number of peers recorded (for tests and metrics).
+    /// Number of peers recorded.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner
             .lock()
@@ -248,12 +249,13 @@ pub fn register_config(
     let Some(url) = &g.url else {
         return Ok(None);
     };
-    let ca_cert_pem = match &g.ca_cert {
-        Some(p) => Some(std::fs::read(p).map_err(|e| {
-            anyhow::anyhow!("gateway.ca_cert: cannot read {}: {e}", p.display())
-        })?),
-        None => None,
-    };
+    let ca_cert_pem =
+        match &g.ca_cert {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                anyhow::anyhow!("gateway.ca_cert: cannot read {}: {e}", p.display())
+            })?),
+            None => None,
+        };
     Ok(Some(RegisterConfig {
         gateway_url: url.clone(),
         node_key: g.node_key.clone(),
@@ -286,6 +288,12 @@ pub fn start(
     let Some(mut reg) = register_config(cfg, http_addr)? else {
         return Ok(None);
     };
+    if reg.ice_urls.is_empty() {
+        // Default: the built-in TURN server's URLs (the gateway adds REST credentials).
+        if let Some(t) = &state.turn {
+            reg.ice_urls = t.urls().iter().take(16).cloned().collect();
+        }
+    }
     let st = state.clone();
     reg.on_reply = Some(Arc::new(move |r: &RegisterReply| on_reply(&st, r)));
     let sampler = Arc::new(Mutex::new(LoadSampler {

@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use edgerelay_sfu::{PeerId, RoleRequest, SfuError};
+use edgerelay_sfu::{PeerId, SfuError};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -234,7 +234,9 @@ impl Conn {
             let next = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, self.socket.recv()).await {
                     Ok(n) => n,
-                    Err(_) => return Recv::Fail("timeout", "timed out waiting for the client".into()),
+                    Err(_) => {
+                        return Recv::Fail("timeout", "timed out waiting for the client".into())
+                    }
                 },
                 None => self.socket.recv().await,
             };
@@ -242,7 +244,10 @@ impl Conn {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Recv::Closed,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Binary(_))) => {
-                    return Recv::Fail("binary", "binary frames are not supported: send JSON text".into())
+                    return Recv::Fail(
+                        "binary",
+                        "binary frames are not supported: send JSON text".into(),
+                    )
                 }
                 Some(Ok(Message::Text(t))) => t,
             };
@@ -260,7 +265,10 @@ impl Conn {
                 Err(e) => return Recv::Fail("json", format!("malformed JSON: {e}")),
             };
             let Some(kind) = v.get("type").and_then(Value::as_str) else {
-                return Recv::Fail("no_type", "message must be a JSON object with a string \"type\"".into());
+                return Recv::Fail(
+                    "no_type",
+                    "message must be a JSON object with a string \"type\"".into(),
+                );
             };
             return Recv::Msg(kind.to_owned(), v);
         }
@@ -302,8 +310,7 @@ fn parse_settings(v: &Value) -> Result<Settings, String> {
         None | Some(Value::Null) => {}
         Some(Value::Array(a))
             if a.len() <= MAX_CHANNELS
-                && a
-                    .iter()
+                && a.iter()
                     .all(|l| l.as_str().is_some_and(|s| s.len() <= MAX_LABEL)) => {}
         Some(_) => {
             return Err(format!(
@@ -354,7 +361,10 @@ async fn run_viewer(state: &Arc<AppState>, conn: &mut Conn, session: &str, grant
         Recv::Msg(k, _) if k == "discover" => {}
         Recv::Msg(k, _) => {
             return conn
-                .fail("order", &format!("expected \"discover\" first, got \"{k}\""))
+                .fail(
+                    "order",
+                    &format!("expected \"discover\" first, got \"{k}\""),
+                )
                 .await
         }
         Recv::Closed => return,
@@ -374,7 +384,11 @@ async fn run_viewer(state: &Arc<AppState>, conn: &mut Conn, session: &str, grant
         match conn.recv(Some(handshake)).await {
             Recv::Msg(k, v) if k == "settings" => match parse_settings(&v) {
                 Ok(s) => break s,
-                Err(m) => return conn.fail("settings", &format!("invalid settings: {m}")).await,
+                Err(m) => {
+                    return conn
+                        .fail("settings", &format!("invalid settings: {m}"))
+                        .await
+                }
             },
             Recv::Msg(k, _) => {
                 return conn
@@ -485,9 +499,7 @@ async fn viewer_loop(state: &AppState, conn: &mut Conn, peer: PeerId, terminated
                 return conn.fail("order", "\"answer\" already received").await
             }
             Recv::Msg(k, _) if k == "discover" || k == "settings" => {
-                return conn
-                    .fail("order", &format!("\"{k}\" out of order"))
-                    .await
+                return conn.fail("order", &format!("\"{k}\" out of order")).await
             }
             Recv::Msg(k, _) => {
                 return conn
@@ -545,7 +557,9 @@ async fn run_instance(state: &Arc<AppState>, conn: &mut Conn, session: &str) {
             }
             Recv::Msg(k, v) if k == "settings" && discovered => {
                 if let Err(m) = parse_settings(&v) {
-                    return conn.fail("settings", &format!("invalid settings: {m}")).await;
+                    return conn
+                        .fail("settings", &format!("invalid settings: {m}"))
+                        .await;
                 }
             }
             Recv::Msg(k, v) if k == "offer" && discovered => match b64_field(&v, "sdp") {
@@ -554,7 +568,10 @@ async fn run_instance(state: &Arc<AppState>, conn: &mut Conn, session: &str) {
             },
             Recv::Msg(k, _) if !discovered => {
                 return conn
-                    .fail("order", &format!("expected \"discover\" first, got \"{k}\""))
+                    .fail(
+                        "order",
+                        &format!("expected \"discover\" first, got \"{k}\""),
+                    )
                     .await
             }
             Recv::Msg(k, _) => {
@@ -627,7 +644,9 @@ mod tests {
 
     #[test]
     fn settings_are_validated() {
-        let ok = parse_settings(&json!({"type":"settings","api_version":2,"data_channels":["control"],"enable_video":true,"enable_audio":false}));
+        let ok = parse_settings(
+            &json!({"type":"settings","api_version":2,"data_channels":["control"],"enable_video":true,"enable_audio":false}),
+        );
         assert_eq!(
             ok,
             Ok(Settings {
