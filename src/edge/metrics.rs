@@ -103,6 +103,14 @@ impl Metrics {
             d("paused", s.dropped_paused);
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
+            c(
+                "edgerelay_turn_handoff_in_total",
+                shared.relayed_in.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_turn_handoff_out_total",
+                shared.relayed_out.load(Ordering::Relaxed),
+            );
         }
         let rooms = shared.rooms.lock().map(|r| r.len()).unwrap_or(0);
         gauge!("edgerelay_rooms").set(rooms as f64);
