@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod edge;
 mod gateway;
+mod loadtest;
 mod logging;
 mod publisher;
 mod whep_client;
@@ -42,6 +43,8 @@ enum Command {
     Publish(publisher::PublishArgs),
     /// Run the central gateway.
     Gateway(gateway::GatewayArgs),
+    /// Load generator: many lightweight viewers against a WHEP endpoint or Janus.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
             Command::Edge(a) => edge::run(a).await,
             Command::Publish(a) => publisher::run(a).await,
             Command::Gateway(a) => gateway::run(a).await,
+            Command::Loadtest(a) => loadtest::run(a).await,
         }
     });
     match result {
