@@ -380,24 +380,22 @@ async fn run_viewer(state: &Arc<AppState>, conn: &mut Conn, session: &str, grant
         return;
     }
     // 2. settings
-    let settings = loop {
-        match conn.recv(Some(handshake)).await {
-            Recv::Msg(k, v) if k == "settings" => match parse_settings(&v) {
-                Ok(s) => break s,
-                Err(m) => {
-                    return conn
-                        .fail("settings", &format!("invalid settings: {m}"))
-                        .await
-                }
-            },
-            Recv::Msg(k, _) => {
+    let settings = match conn.recv(Some(handshake)).await {
+        Recv::Msg(k, v) if k == "settings" => match parse_settings(&v) {
+            Ok(s) => s,
+            Err(m) => {
                 return conn
-                    .fail("order", &format!("expected \"settings\", got \"{k}\""))
+                    .fail("settings", &format!("invalid settings: {m}"))
                     .await
             }
-            Recv::Closed => return,
-            Recv::Fail(r, m) => return conn.fail(r, &m).await,
+        },
+        Recv::Msg(k, _) => {
+            return conn
+                .fail("order", &format!("expected \"settings\", got \"{k}\""))
+                .await
         }
+        Recv::Closed => return,
+        Recv::Fail(r, m) => return conn.fail(r, &m).await,
     };
     debug!(%session, ?settings, "websocket settings");
     // 3. the offer, once the session's instance is on this edge
