@@ -16,6 +16,7 @@ import asyncio
 import fractions
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -31,8 +32,8 @@ REPO = HERE.parent.parent
 EDGE_BIN = Path(os.environ.get("EDGERELAY_BIN", REPO / "target" / "release" / "edgerelay"))
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 
-PUB_TOKEN = "PUB"
-VIEW_TOKEN = "VIEW"
+PUB_TOKEN = "PUB-interop-token"  # the edge requires tokens of >= 8 characters
+VIEW_TOKEN = "VIEW-interop-token"
 
 try:  # aiortc is a peer too: skip (not crash collection) if it is truly absent.
     import aioice.ice
@@ -154,23 +155,25 @@ class Edge:
                 self.proc.wait(timeout=5)
 
 
-def start_edge(tmp_path: Path, extra_args: list[str] | None = None, timeout: float = 20.0) -> Edge:
-    """Start the edge on ephemeral loopback ports and wait for its READY line."""
+def start_edge(tmp_path: Path, extra_args: list[str] | None = None, timeout: float = 20.0,
+               ip: str = "127.0.0.1", name: str = "edge") -> Edge:
+    """Start the edge on ephemeral ports of ``ip`` (loopback by default) and wait for READY."""
     if not EDGE_BIN.exists():
         pytest.fail(f"edge binary {EDGE_BIN} missing: run `cargo build --release --bins` first")
     args = [
         str(EDGE_BIN), "edge",
-        "--http-listen", "127.0.0.1:0",
-        "--media-listen", "127.0.0.1:0",
-        "--public-ip", "127.0.0.1",
+        "--http-listen", f"{ip}:0",
+        "--media-listen", f"{ip}:0",
+        "--public-ip", ip,
         "--publisher-token", PUB_TOKEN,
         "--viewer-token", VIEW_TOKEN,
     ] + (extra_args or [])
-    out_path = tmp_path / "edge.stdout"
-    log_path = tmp_path / "edge.stderr"
+    out_path = tmp_path / f"{name}.stdout"
+    log_path = tmp_path / f"{name}.stderr"
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info,edgerelay=debug,edgerelay_sfu=debug")
     env.setdefault("RUST_BACKTRACE", "1")
+    env.setdefault("NO_COLOR", "1")
     with open(out_path, "wb") as out, open(log_path, "wb") as err:
         proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
@@ -197,16 +200,86 @@ def start_edge(tmp_path: Path, extra_args: list[str] | None = None, timeout: flo
 
 
 @pytest.fixture
-def edge(request, tmp_path):
-    """A fresh edge per test; its stderr is attached to the report on failure."""
+def edge_factory(request, tmp_path):
+    """Starts edges (``edge_factory(ip=...)``); logs attached on failure, all stopped at teardown."""
     require_aiortc()
-    e = start_edge(tmp_path)
-    attach_log(request, "edge stderr", e.log_path)
-    attach_log(request, "edge stdout", tmp_path / "edge.stdout")
+    edges: list[Edge] = []
+
+    def make(ip: str = "127.0.0.1", extra_args: list[str] | None = None) -> Edge:
+        name = f"edge{len(edges)}" if edges else "edge"
+        attach_log(request, f"{name} stderr", tmp_path / f"{name}.stderr")
+        attach_log(request, f"{name} stdout", tmp_path / f"{name}.stdout")
+        e = start_edge(tmp_path, extra_args, ip=ip, name=name)
+        edges.append(e)
+        return e
+
     try:
-        yield e
+        yield make
     finally:
-        e.stop()
+        for e in edges:
+            e.stop()
+
+
+@pytest.fixture
+def edge(edge_factory):
+    """A fresh loopback edge per test; its stderr is attached to the report on failure."""
+    return edge_factory()
+
+
+class NetNs:
+    """A network namespace joined to the host by a veth pair (host side ``host_ip``/30,
+    namespace side ``ns_ip``/30). Needs root; removed by ``close()``."""
+
+    def __init__(self):
+        if os.geteuid() != 0:
+            pytest.skip("needs root to create a network namespace")
+        if shutil.which("ip") is None:
+            pytest.skip("iproute2 (ip) not installed")
+        tag = f"{os.getpid() % 10000:04d}{random.randrange(100):02d}"
+        self.name = f"edgerelay-it-{tag}"
+        self.veth_host, self.veth_ns = f"erh{tag}", f"ern{tag}"
+        a, b = random.randrange(0, 256), random.randrange(0, 64) * 4
+        self.host_ip, self.ns_ip = f"10.213.{a}.{b + 1}", f"10.213.{a}.{b + 2}"
+        self.created = False
+        try:
+            self._ip("netns", "add", self.name)
+            self.created = True
+            self._ip("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+            self._ip("link", "set", self.veth_ns, "netns", self.name)
+            self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.veth_host)
+            self._ip("link", "set", self.veth_host, "up")
+            self._ip("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns)
+            self._ip("-n", self.name, "link", "set", self.veth_ns, "up")
+            self._ip("-n", self.name, "link", "set", "lo", "up")
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def prefix(self) -> list[str]:
+        """Command prefix that runs a program inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def close(self) -> None:
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+            self.created = False
+        subprocess.run(["ip", "link", "del", self.veth_host], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace with a veth link to the host (skips without root)."""
+    ns = NetNs()
+    try:
+        yield ns
+    finally:
+        ns.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,18 +596,35 @@ def gupnp_stub_dir(tmp_path_factory) -> Path | None:
     return out
 
 
+# whip-client asks webrtcbin for max-bundle only when it has both audio and video (with a single
+# pipeline its offer has no a=group:BUNDLE), so the tests publish both.
+WHIP_CLIENT_AUDIO = (
+    "audiotestsrc is-live=true wave=sine freq=440 ! audioconvert ! audioresample ! queue ! "
+    "opusenc ! rtpopuspay pt=111 ! queue ! application/x-rtp,media=audio,encoding-name=OPUS,payload=111"
+)
+
+
 class WhipClient:
     """Debian's simple-whip-client (`whip-client`) publishing a GStreamer test pattern
-    (non-trickle: candidates in the offer)."""
+    (non-trickle: candidates in the offer).
+
+    libnice ignores loopback interfaces and pins each host-candidate socket to its interface
+    (IP_UNICAST_IF), so whip-client cannot reach an edge on 127.0.0.1: the test runs it in a
+    network namespace (``prefix``) and the edge on the host end of the veth pair."""
 
     def __init__(self, request, tmp_path: Path, url: str, token: str = PUB_TOKEN,
-                 video: str = WHIP_CLIENT_VIDEO, stub_dir: Path | None = None):
+                 video: str | None = WHIP_CLIENT_VIDEO, audio: str | None = WHIP_CLIENT_AUDIO,
+                 stub_dir: Path | None = None, prefix: list[str] | None = None):
         exe = shutil.which("whip-client") or shutil.which("simple-whip-client")
         if exe is None:
             pytest.skip("simple-whip-client (whip-client) not installed")
         self.log_path = tmp_path / "whip-client.log"
         attach_log(request, "whip-client output", self.log_path)
-        self.args = [exe, "-u", url, "-t", token, "-n", "-o", "-l", "5", "-V", video]
+        self.args = (prefix or []) + [exe, "-u", url, "-t", token, "-n", "-o", "-l", "5"]
+        if video:
+            self.args += ["-V", video]
+        if audio:
+            self.args += ["-A", audio]
         with open(self.log_path, "wb") as log:
             env = dict(os.environ)
             env.setdefault("GST_DEBUG", "2")

@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from conftest import Publisher, Viewer, absolute, http_request, require_chromium, run, run_chromium
+from conftest import VIEW_TOKEN, Publisher, Viewer, absolute, http_request, require_chromium, run, run_chromium
 
 
 def test_aiortc_publisher_to_chromium_and_aiortc_viewers(edge, request, tmp_path):
@@ -40,7 +40,7 @@ def test_aiortc_publisher_to_chromium_and_aiortc_viewers(edge, request, tmp_path
 
             # DELETE ends the viewer's resource.
             status, _, body = await http_request("DELETE", absolute(edge.http, viewer.location),
-                                                 token="VIEW")
+                                                 token=VIEW_TOKEN)
             assert status in (200, 204), f"DELETE viewer -> {status} {body!r}"
             viewer.location = None
         finally:

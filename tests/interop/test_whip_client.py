@@ -1,19 +1,26 @@
-"""(b) Debian's simple-whip-client as a second WHIP publisher, in its own room."""
+"""(b) Debian's simple-whip-client as a second WHIP publisher, in its own room.
+
+whip-client (libnice) cannot use loopback, so it runs in a network namespace created by the
+test and the edge listens on the host end of the veth pair (root needed; skips otherwise).
+"""
 
 import asyncio
 
-from conftest import Publisher, Viewer, WhipClient, run
+from conftest import Publisher, Viewer, WhipClient, run, wait_for
 
 
-def test_simple_whip_client_publisher_viewed_by_aiortc(edge, request, tmp_path, gupnp_stub_dir):
-    client = WhipClient(request, tmp_path, f"{edge.http}/whip/room-b", stub_dir=gupnp_stub_dir)
+def test_simple_whip_client_publisher_viewed_by_aiortc(edge_factory, netns, request, tmp_path,
+                                                        gupnp_stub_dir):
+    edge = edge_factory(ip=netns.host_ip)
+    client = WhipClient(request, tmp_path, f"{edge.http}/whip/room-b", stub_dir=gupnp_stub_dir,
+                        prefix=netns.prefix())
 
     async def scenario():
         pub = await Publisher.connect(edge.http, "room-a")  # the first publisher, other room
         viewers = []
         try:
             await pub.wait_connected(15)
-            # whip-client's WHIP session is up once a viewer gets 201 on its room.
+            # whip-client's WHIP session is up once a viewer of its room gets 201.
             deadline = asyncio.get_running_loop().time() + 20
             vb = None
             while vb is None:
@@ -27,7 +34,10 @@ def test_simple_whip_client_publisher_viewed_by_aiortc(edge, request, tmp_path, 
             viewers.append(vb)
             va = await Viewer.connect(edge.http, "room-a", label="viewer-a")
             viewers.append(va)
-            await vb.wait_frames(30, 20)
+            await wait_for(lambda: vb.frames >= 30 or not client.alive(), 20,
+                           f"viewer-b to decode 30 frames (has {vb.frames})")
+            assert client.alive(), f"whip-client exited with {client.proc.returncode}"
+            await vb.wait_frames(30, 1)
             await va.wait_frames(30, 20)
             assert vb.size == (320, 240), f"room-b viewer decoded {vb.size}"
             await vb.wait_frames(vb.frames + 30, 10)
@@ -39,4 +49,14 @@ def test_simple_whip_client_publisher_viewed_by_aiortc(edge, request, tmp_path, 
             await pub.close()
             client.stop()
 
-    run(scenario(), timeout=120)
+    try:
+        run(scenario(), timeout=120)
+    except AssertionError as e:
+        log = client.log()
+        if "DTLS failed" in log or "no client certificate" in edge.logs():
+            raise AssertionError(
+                "whip-client's DTLS handshake with the edge failed. GStreamer 1.22 (Debian 12) "
+                "webrtcbin always uses an RSA certificate; the edge must accept RSA DTLS peers "
+                "(ECDHE_RSA suites, rsa_sign client certificates) to interoperate with it. "
+                f"Underlying failure: {e}") from e
+        raise
