@@ -1,0 +1,321 @@
+"""Helpers for the built-in TURN interop tests (test_relay.py, test_nat.py).
+
+- ``turn_config`` / ``self_signed_cert``: a temp edge TOML enabling ``[turn]`` on ephemeral ports
+  (UDP, TCP and TLS with a fresh openssl certificate).
+- ``start_turn_edge``: the harness's ``edge_factory`` with ``--config`` plus the TURN URLs parsed
+  from the ``EDGERELAY_READY`` line (the harness keeps only one ``turn=`` key).
+- ``scrape_metrics``, ``get_ice_servers``, ``parse_link_headers``, ``for_transport``.
+- ``EdgePublisher``: ``edgerelay publish`` (the built-in synthetic H.264 publisher) as a subprocess.
+- ``run_relay_chromium``: drives ``relay_chromium.mjs`` (Chromium with explicit ICE servers and
+  ``iceTransportPolicy``; signalling from node so the browser may run in a namespace).
+
+Every wait is bounded; failures carry the edge's stderr (the harness attaches it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    CHROMIUM,
+    EDGE_BIN,
+    HERE,
+    PUB_TOKEN,
+    VIEW_TOKEN,
+    attach_log,
+    http_request,
+)
+
+def _tail(path: Path, max_chars: int = 20000) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return text[-max_chars:]
+
+
+# --------------------------------------------------------------------------------------------
+# edge with TURN
+# --------------------------------------------------------------------------------------------
+
+
+def self_signed_cert(tmp_path: Path, ip: str) -> tuple[Path, Path]:
+    """A fresh self-signed P-256 certificate for ``ip`` and ``localhost`` (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed (needed for the TURNS certificate)")
+    cert, key = tmp_path / "turn-cert.pem", tmp_path / "turn-key.pem"
+    r = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", f"subjectAltName=DNS:localhost,IP:{ip}"],
+        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"openssl req failed: {r.stderr}"
+    return cert, key
+
+
+def turn_config(tmp_path: Path, ip: str = "127.0.0.1", *, tls: bool = True) -> Path:
+    """An edge TOML with the built-in TURN on ephemeral ports of ``ip`` (UDP, TCP, TLS)."""
+    lines = [
+        "[turn]",
+        "enabled = true",
+        "credential_ttl_secs = 600",
+        "[turn.server]",
+        f'listen_udp = ["{ip}:0"]',
+        f'listen_tcp = ["{ip}:0"]',
+        f'relay_ip = "{ip}"',
+        "relay_port_min = 0",
+        "relay_port_max = 0",
+        # A fixed secret so the test can also check credentials it computes itself.
+        'rest_secrets = ["interop-turn-secret"]',
+    ]
+    if tls:
+        cert, key = self_signed_cert(tmp_path, ip)
+        lines += [f'listen_tls = ["{ip}:0"]', f'tls_cert = "{cert}"', f'tls_key = "{key}"']
+    path = tmp_path / "edge-turn.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ready_turn_urls(edge) -> list[str]:
+    """All ``turn=`` URLs of the edge's READY line."""
+    stdout = Path(edge.log_path).with_suffix(".stdout")
+    for line in stdout.read_text(errors="replace").splitlines():
+        if line.startswith("EDGERELAY_READY"):
+            return [tok.split("=", 1)[1] for tok in line.split()[1:] if tok.startswith("turn=")]
+    raise AssertionError(f"no READY line in {stdout}")
+
+
+def start_turn_edge(edge_factory, tmp_path: Path, ip: str = "127.0.0.1", *, tls: bool = True):
+    """Starts an edge with TURN on ``ip``; returns ``(edge, turn_urls)``."""
+    cfg = turn_config(tmp_path, ip, tls=tls)
+    edge = edge_factory(ip=ip, extra_args=["--config", str(cfg)])
+    urls = ready_turn_urls(edge)
+    want = 3 if tls else 2
+    assert len(urls) == want, (
+        f"READY line advertises {len(urls)} TURN URLs, want {want} (udp, tcp{', tls' if tls else ''}): "
+        f"{urls}\nstderr:\n{edge.logs()}")
+    return edge, urls
+
+
+async def scrape_metrics(edge) -> dict[str, float]:
+    """``/metrics`` as ``{"name{labels}": value}``."""
+    status, _, body = await http_request("GET", edge.http + "/metrics", content_type=None)
+    assert status == 200, f"/metrics -> {status}: {body[:200]!r}"
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+async def get_ice_servers(edge, token: str = VIEW_TOKEN) -> list[dict]:
+    """``GET /api/ice-servers`` with the viewer token (asserts a 200 JSON list)."""
+    status, _, body = await http_request("GET", edge.http + "/api/ice-servers", token=token,
+                                         content_type=None)
+    assert status == 200, f"/api/ice-servers -> {status}: {body!r}"
+    servers = json.loads(body)
+    assert isinstance(servers, list) and servers, f"/api/ice-servers: {body!r}"
+    for s in servers:
+        assert set(s) >= {"urls", "username", "credential"}, f"/api/ice-servers entry {s}"
+    return servers
+
+
+_LINK_RE = re.compile(r'<([^>]*)>((?:\s*;\s*[A-Za-z-]+\s*=\s*(?:"[^"]*"|[^;,]*))*)')
+_PARAM_RE = re.compile(r';\s*([A-Za-z-]+)\s*=\s*(?:"([^"]*)"|([^;,]*))')
+
+
+def parse_link_headers(values: list[str]) -> list[dict]:
+    """RFC 9725 ``Link: <url>; rel="ice-server"; username=..; credential=..`` headers -> ICE
+    server dicts (one per URL), ignoring links of other relations."""
+    servers = []
+    for value in values:
+        for m in _LINK_RE.finditer(value):
+            params = {k.lower(): (q if q != "" or u is None else u.strip())
+                      for k, q, u in _PARAM_RE.findall(m.group(2))}
+            if params.get("rel") != "ice-server":
+                continue
+            s = {"urls": [m.group(1)]}
+            if "username" in params:
+                s["username"] = params["username"]
+            if "credential" in params:
+                s["credential"] = params["credential"]
+            servers.append(s)
+    return servers
+
+
+def url_transport(url: str) -> str:
+    """``udp``, ``tcp`` or ``tls`` for a ``turn:``/``turns:`` URL."""
+    if url.startswith("turns:"):
+        return "tls"
+    m = re.search(r"[?&]transport=(udp|tcp)", url)
+    return m.group(1) if m else "udp"
+
+
+def for_transport(servers: list[dict], transport: str) -> list[dict]:
+    """The servers restricted to URLs of one transport (``udp``/``tcp``/``tls``); asserts one."""
+    out = []
+    for s in servers:
+        urls = s["urls"] if isinstance(s["urls"], list) else [s["urls"]]
+        keep = [u for u in urls if url_transport(u) == transport]
+        if keep:
+            out.append({**s, "urls": keep})
+    assert out, f"no {transport} TURN URL in {servers}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# publisher: `edgerelay publish`
+# --------------------------------------------------------------------------------------------
+
+
+class EdgePublisher:
+    """``edgerelay publish`` (synthetic H.264, 320x240 30 fps) into ``room`` of the edge."""
+
+    def __init__(self, request, tmp_path: Path, edge, room: str, seconds: int = 120,
+                 name: str = "publisher"):
+        self.edge, self.room = edge, room
+        self.log_path = tmp_path / f"{name}.log"
+        attach_log(request, f"{name} (edgerelay publish) output", self.log_path)
+        args = [str(EDGE_BIN), "publish", "--whip", f"{edge.http}/whip/{room}", "--token", PUB_TOKEN,
+                "--width", "320", "--height", "240", "--fps", "30", "--bitrate-kbps", "600",
+                "--keyframe-interval-ms", "1000", "--seconds", str(seconds)]
+        env = dict(os.environ, NO_COLOR="1")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+
+    def logs(self) -> str:
+        return _tail(self.log_path)
+
+    async def wait_live(self, timeout: float = 15.0) -> None:
+        """Until ``/api/rooms`` shows the room with its publisher connected."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (
+                f"edgerelay publish exited with {self.proc.returncode}:\n{self.logs()}")
+            status, _, body = await http_request("GET", self.edge.http + "/api/rooms",
+                                                 content_type=None)
+            last = (status, body)
+            if status == 200:
+                for r in json.loads(body):
+                    if r.get("name") == self.room and r.get("publisher"):
+                        return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"publisher not live in room {self.room} within {timeout}s "
+                             f"(/api/rooms: {last}); publisher output:\n{self.logs()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Chromium with explicit ICE servers
+# --------------------------------------------------------------------------------------------
+
+
+async def run_relay_chromium(request, tmp_path: Path, whep: str, ice_servers: list[dict], *,
+                             policy: str = "relay", token: str = VIEW_TOKEN, seconds: float = 15,
+                             min_frames: int = 30, full_duration: bool = False,
+                             executable: str = CHROMIUM, extra_args: list[str] | None = None,
+                             name: str = "chromium") -> dict:
+    """Runs relay_chromium.mjs; returns its final ``result`` event plus ``events``."""
+    opts = {
+        "whep": whep, "token": token, "iceServers": ice_servers, "iceTransportPolicy": policy,
+        "seconds": seconds, "minFrames": min_frames, "fullDuration": full_duration,
+        "executablePath": executable, "extraArgs": extra_args or [],
+    }
+    log_path = tmp_path / f"{name}.log"
+    attach_log(request, f"{name} driver output", log_path)
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(HERE / "relay_chromium.mjs"), json.dumps(opts), cwd=str(HERE),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    events: list[dict] = []
+    bound = seconds + 60
+    with open(log_path, "w") as log:
+        try:
+            async with asyncio.timeout(bound):
+                while True:
+                    line = await proc.stdout.readline()
+                    if not line:
+                        break
+                    text = line.decode(errors="replace").rstrip()
+                    log.write(text + "\n")
+                    log.flush()
+                    try:
+                        events.append(json.loads(text))
+                    except ValueError:
+                        events.append({"event": "raw", "text": text})
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"{name}: relay chromium driver did not finish within {bound}s")
+    errors = [e for e in events if e.get("event") == "error"]
+    assert not errors, f"{name}: chromium driver error: {errors[0].get('error')}"
+    results = [e for e in events if e.get("event") == "result"]
+    assert results, f"{name}: chromium driver exited {proc.returncode} without a result"
+    res = dict(results[-1])
+    res["events"] = events
+    return res
+
+
+def summary(res: dict) -> str:
+    """A one-line digest of a Chromium result for assertion messages."""
+    keys = ("framesDecoded", "packetsReceived", "iceState", "connState", "localCandidate",
+            "remoteCandidate", "candidates", "whep")
+    return json.dumps({k: res.get(k) for k in keys})
+
+
+# --------------------------------------------------------------------------------------------
+# aiortc relay-only viewer
+# --------------------------------------------------------------------------------------------
+
+
+def relay_viewer(ice_servers: list[dict], label: str = "relay-viewer"):
+    """The harness's aiortc WHEP ``Viewer`` but with ``ice_servers`` and
+    ``iceTransportPolicy=RELAY`` (aioice gathers no host candidates then, and uses only the
+    first TURN server/URL, so pass exactly the one to test)."""
+    from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
+
+    from conftest import Viewer
+
+    config = RTCConfiguration(
+        iceServers=[RTCIceServer(urls=s["urls"], username=s.get("username"),
+                                 credential=s.get("credential")) for s in ice_servers],
+        iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+
+    class RelayViewer(Viewer):
+        # Peer.__init__ assigns a default RTCPeerConnection(iceServers=[]); this property swaps
+        # in one with the relay configuration before any transceiver is added.
+        @property
+        def pc(self):  # noqa: ANN202
+            return self._relay_pc
+
+        @pc.setter
+        def pc(self, _default) -> None:  # noqa: ANN001
+            self._relay_pc = RTCPeerConnection(config)
+
+    return RelayViewer(label=label)

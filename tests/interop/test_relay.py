@@ -1,0 +1,154 @@
+"""Viewers reach the SFU only through the edge's built-in TURN server (relay-only ICE).
+
+The edge runs with ``[turn] enabled`` on ephemeral loopback ports (UDP, TCP, TLS with a fresh
+self-signed certificate); ``edgerelay publish`` feeds a room; the viewers force
+``iceTransportPolicy: relay``, so media can only flow client -> TURN -> in-process hand-off ->
+SFU and back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import pytest
+
+from conftest import VIEW_TOKEN, Viewer, require_aiortc, require_chromium, run
+from relay_helpers import (
+    EdgePublisher,
+    for_transport,
+    get_ice_servers,
+    parse_link_headers,
+    relay_viewer,
+    run_relay_chromium,
+    scrape_metrics,
+    start_turn_edge,
+    summary,
+    url_transport,
+)
+
+HANDOFF_IN = "edgerelay_turn_handoff_in_total"
+HANDOFF_OUT = "edgerelay_turn_handoff_out_total"
+ALLOCATIONS_CREATED = "edgerelay_turn_allocations_created_total"
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+def test_chromium_relay_only(edge_factory, request, tmp_path, transport):
+    """Chromium, relay-only, ICE servers from /api/ice-servers restricted to one transport:
+    the selected pair's local candidate is a relay of that protocol and video decodes."""
+    require_chromium()
+    edge, _ = start_turn_edge(edge_factory, tmp_path)
+    pub = EdgePublisher(request, tmp_path, edge, "relay")
+
+    async def scenario():
+        await pub.wait_live()
+        servers = for_transport(await get_ice_servers(edge), transport)
+        before = await scrape_metrics(edge)
+        res = await run_relay_chromium(
+            request, tmp_path, f"{edge.http}/whep/relay", servers, policy="relay", seconds=20,
+            min_frames=30, extra_args=["--ignore-certificate-errors"] if transport == "tls" else [])
+        after = await scrape_metrics(edge)
+        return servers, before, res, after
+
+    try:
+        servers, before, res, after = run(scenario(), timeout=90)
+    finally:
+        pub.stop()
+    edge.assert_alive()
+    digest = summary(res)
+    assert res["whep"]["status"] == 201, f"WHEP: {res['whep']}"
+    # The offer carries relay candidates only (and at least one).
+    cands = res["candidates"]
+    assert cands, f"Chromium gathered no candidate from {servers}: {digest}"
+    assert all(" typ relay" in c for c in cands), f"non-relay candidate in a relay-only offer: {cands}"
+    assert res["framesDecoded"] > 30, (
+        f"relay-only over {transport}: only {res['framesDecoded']} frames decoded in 20 s: {digest}")
+    local, remote = res["localCandidate"], res["remoteCandidate"]
+    assert local and local["type"] == "relay", f"selected local candidate is not relay: {digest}"
+    assert local["relayProtocol"] == transport, (
+        f"selected relay candidate uses relayProtocol {local['relayProtocol']!r}, want {transport!r}: {digest}")
+    media_port = int(edge.media.rsplit(":", 1)[1])
+    assert remote and remote["port"] == media_port, (
+        f"remote candidate should be the SFU's media port {media_port}: {digest}")
+    # The SFU got the viewer's packets through the in-process hand-off, and answered through it.
+    d_in = after.get(HANDOFF_IN, 0) - before.get(HANDOFF_IN, 0)
+    d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
+    assert after.get(ALLOCATIONS_CREATED, 0) - before.get(ALLOCATIONS_CREATED, 0) >= 1, (
+        f"no TURN allocation counted: {after.get(ALLOCATIONS_CREATED)}")
+    assert d_in > 0, f"{HANDOFF_IN} did not grow ({before.get(HANDOFF_IN)} -> {after.get(HANDOFF_IN)})"
+    assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}: video did not go back through TURN"
+
+
+def _check_rest_credentials(server: dict, secret: str, ttl: int) -> None:
+    user, cred = server["username"], server["credential"]
+    expiry, _, name = user.partition(":")
+    assert expiry.isdigit() and name, f"REST username not '<expiry>:<user>': {user!r}"
+    now = time.time()
+    assert now < int(expiry) <= now + ttl + 5, f"REST expiry {expiry} not within ttl {ttl}s of now {now:.0f}"
+    want = base64.b64encode(hmac.new(secret.encode(), user.encode(), hashlib.sha1).digest()).decode()
+    assert cred == want, f"credential for {user!r} is {cred!r}, want base64(HMAC-SHA1(secret, user)) {want!r}"
+
+
+def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_path):
+    """aiortc, relay-only over UDP, with the ICE server taken from a WHEP 201's ``Link``
+    headers: decodes frames, and the edge counts the packets the TURN server handed to the SFU
+    in-process (``edgerelay_turn_handoff_in_total``)."""
+    require_aiortc()
+    edge, ready_urls = start_turn_edge(edge_factory, tmp_path)
+    pub = EdgePublisher(request, tmp_path, edge, "relay-aio")
+
+    async def scenario():
+        await pub.wait_live()
+        # A first (direct) viewer: its 201 carries the Link headers.
+        probe = await Viewer.connect(edge.http, "relay-aio", label="probe")
+        try:
+            links = probe.headers.getall("Link", [])
+        finally:
+            await probe.close()
+        link_servers = parse_link_headers(links)
+        api = await get_ice_servers(edge)
+
+        # Link headers: one per URL, same URLs as /api/ice-servers and the READY line, valid creds.
+        assert len(link_servers) == 3, f"want 3 Link ice-server headers (udp, tcp, tls), got {links}"
+        assert sorted(u for s in link_servers for u in s["urls"]) == sorted(ready_urls), (
+            f"Link URLs {link_servers} differ from READY URLs {ready_urls}")
+        assert sorted(u for s in api for u in s["urls"]) == sorted(ready_urls), (
+            f"/api/ice-servers URLs {api} differ from READY URLs {ready_urls}")
+        assert sorted(url_transport(u) for u in ready_urls) == ["tcp", "tls", "udp"], ready_urls
+        for s in link_servers + api:
+            _check_rest_credentials(s, "interop-turn-secret", 600)
+
+        udp = for_transport(link_servers, "udp")[:1]  # aioice uses only the first TURN server
+        before = await scrape_metrics(edge)
+        viewer = relay_viewer(udp, label="aiortc-relay")
+        try:
+            await viewer.signal(edge.http, "/whep/relay-aio", VIEW_TOKEN)
+            offer = viewer.pc.localDescription.sdp
+            cands = [l for l in offer.splitlines() if l.startswith("a=candidate:")]
+            assert cands and all(" typ relay" in c for c in cands), (
+                f"aiortc relay-only offer must carry only relay candidates: {cands}")
+            await viewer.wait_connected(15)
+            await viewer.wait_frames(30, 20)
+            pair = viewer.pc.getTransceivers()[0].receiver.transport.transport \
+                .iceGatherer._connection._nominated.get(1)
+            after = await scrape_metrics(edge)
+            return viewer.frames, viewer.size, pair, before, after
+        finally:
+            await viewer.close()
+
+    try:
+        frames, size, pair, before, after = run(scenario(), timeout=90)
+    finally:
+        pub.stop()
+    edge.assert_alive()
+    assert frames >= 30 and size == (320, 240), f"aiortc relay viewer decoded {frames} frames of {size}"
+    assert pair is not None and pair.local_candidate.type == "relay", (
+        f"aiortc nominated pair is not relayed: {pair}")
+    d_in = after.get(HANDOFF_IN, 0) - before.get(HANDOFF_IN, 0)
+    d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
+    assert d_in > 0, (
+        f"{HANDOFF_IN} did not grow ({before.get(HANDOFF_IN)} -> {after.get(HANDOFF_IN)}): "
+        f"the viewer's packets did not reach the SFU through the in-process hand-off")
+    assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}"
