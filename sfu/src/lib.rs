@@ -60,6 +60,8 @@ pub struct SfuConfig {
     pub bwe: bool,
     /// Initial bandwidth estimate for a viewer, bits per second.
     pub bwe_initial_bps: u64,
+    /// How long the estimate must stay below the stream bitrate before video pauses.
+    pub bwe_pause_after: Duration,
     /// Label of the data channel that carries viewer input to the publisher.
     pub control_label: String,
 }
@@ -73,6 +75,7 @@ impl Default for SfuConfig {
             max_viewers_per_room: 10_000,
             bwe: true,
             bwe_initial_bps: 5_000_000,
+            bwe_pause_after: Duration::from_secs(1),
             control_label: "control".to_string(),
         }
     }
@@ -523,6 +526,8 @@ impl Sfu {
             cache_grace_until: None,
             video_paused: false,
             bwe_bps: None,
+            bwe_desired: 0,
+            bwe_low_since: None,
             ssrc_map: Vec::new(),
             seq_start,
         });
@@ -1042,8 +1047,19 @@ impl Sfu {
         };
         let mut switch_to = None;
         let mut resume = false;
+        // Pause only after the estimate stayed clearly below the stream for a while:
+        // estimates dip briefly during normal operation.
+        let too_low = lowest_bps > 0 && (estimate as f64) < lowest_bps as f64 * 0.85;
+        if !too_low {
+            v.bwe_low_since = None;
+        } else if v.bwe_low_since.is_none() {
+            v.bwe_low_since = Some(now);
+        }
+        let sustained = v
+            .bwe_low_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.bwe_pause_after);
         match fitting {
-            None if lowest_bps > 0 && !v.video_paused => {
+            None if too_low && sustained && !v.video_paused => {
                 info!(
                     peer = key.as_u64(),
                     estimate,
@@ -1058,7 +1074,7 @@ impl Sfu {
                     t.target_layer = i;
                     switch_to = Some(i);
                 }
-                resume = v.video_paused && (lowest_bps as f64) <= estimate as f64 * 0.8;
+                resume = v.video_paused && estimate as f64 >= lowest_bps as f64 * 1.05;
                 if resume {
                     info!(peer = key.as_u64(), estimate, "video resumed");
                     v.video_paused = false;
@@ -1069,6 +1085,25 @@ impl Sfu {
         }
         if let Some(i) = switch_to {
             self.request_keyframe(now, rk, i);
+        }
+        // Let the estimator probe toward what the stream needs: padding up to
+        // the lowest layer while paused (so it can find room to resume), and
+        // discovery up to the best layer otherwise.
+        let highest_bps = order.last().map(|(b, _)| *b).unwrap_or(0);
+        if let Some(v) = self.peers.get_mut(key) {
+            let (min, desired) = if v.video_paused {
+                (lowest_bps, lowest_bps * 2)
+            } else {
+                (0, highest_bps + highest_bps / 4)
+            };
+            if desired > 0 && v.bwe_desired.abs_diff(desired) > desired / 10 {
+                v.bwe_desired = desired;
+                v.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(min), Bitrate::bps(desired));
+                v.needs_tick = true;
+                self.mark_dirty(key);
+            }
         }
         if resume {
             self.start_video(now, rk, key);

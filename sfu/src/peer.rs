@@ -122,6 +122,10 @@ pub struct Peer {
     pub video_paused: bool,
     /// Latest egress bandwidth estimate (bits per second).
     pub bwe_bps: Option<u64>,
+    /// Desired bitrate last given to the estimator (bits per second).
+    pub bwe_desired: u64,
+    /// Since when the estimate has been below the stream bitrate.
+    pub bwe_low_since: Option<Instant>,
     /// Publisher: SSRC -> (track, layer) resolved so far.
     pub ssrc_map: Vec<(Ssrc, usize, usize)>,
     /// First sequence number of the viewer's tracks.

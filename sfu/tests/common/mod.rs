@@ -52,6 +52,10 @@ pub struct World {
     next_ip: u8,
     /// Drop every datagram to these client indices (simulated loss) when set.
     pub blackhole: Vec<usize>,
+    /// Bandwidth limits on the SFU -> client direction: (client, bits/s, tokens, last refill).
+    pub limits: Vec<(usize, u64, f64, Instant)>,
+    /// Datagrams dropped by the limits.
+    pub limited_drops: u64,
 }
 
 pub fn sps_pps_idr(n: u32) -> Vec<u8> {
@@ -84,6 +88,8 @@ impl World {
             start: now,
             next_ip: 10,
             blackhole: Vec::new(),
+            limits: Vec::new(),
+            limited_drops: 0,
         }
     }
 
@@ -209,7 +215,7 @@ impl World {
                 let Some(i) = self.clients.iter().position(|c| c.addr == t.destination) else {
                     continue;
                 };
-                if self.blackhole.contains(&i) {
+                if self.blackhole.contains(&i) || !self.admit(i, t.contents.len()) {
                     continue;
                 }
                 let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
@@ -227,6 +233,55 @@ impl World {
             }
         }
         panic!("network did not settle");
+    }
+
+    /// Token bucket of a limited link (50 ms of burst).
+    fn admit(&mut self, client: usize, len: usize) -> bool {
+        let now = self.now;
+        let Some(l) = self.limits.iter_mut().find(|l| l.0 == client) else {
+            return true;
+        };
+        let rate = l.1 as f64 / 8.0;
+        l.2 = (l.2 + now.duration_since(l.3).as_secs_f64() * rate).min(rate * 0.05);
+        l.3 = now;
+        if l.2 >= len as f64 {
+            l.2 -= len as f64;
+            true
+        } else {
+            self.limited_drops += 1;
+            false
+        }
+    }
+
+    /// Limits the SFU -> client link to `bps` (None removes the limit).
+    pub fn limit(&mut self, client: usize, bps: Option<u64>) {
+        self.limits.retain(|l| l.0 != client);
+        if let Some(bps) = bps {
+            self.limits.push((client, bps, 0.0, self.now));
+        }
+    }
+
+    /// Writes a frame of `size` bytes (keyframe or not).
+    pub fn send_sized(&mut self, idx: usize, frame_no: u32, key: bool, size: usize) {
+        let c = &mut self.clients[idx];
+        let mid = c.video_mid.expect("video mid");
+        let now = self.now;
+        let Some(w) = c.rtc.writer(mid) else { return };
+        let Some(pt) = w
+            .payload_params()
+            .find(|p| p.spec().codec == Codec::H264)
+            .map(|p| p.pt())
+        else {
+            return;
+        };
+        let mut data = if key {
+            sps_pps_idr(frame_no)
+        } else {
+            p_frame(frame_no)
+        };
+        data.resize(size.max(data.len()), (frame_no % 251) as u8 | 1);
+        let t = MediaTime::from_90khz(frame_no as u64 * 3000);
+        w.write(pt, now, t, data).expect("write");
     }
 
     /// Drains a client's output into the SFU; true if it sent anything.
