@@ -10,7 +10,7 @@ use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig};
 use str0m::change::SdpAnswer;
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, MediaKind, MediaTime, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 
@@ -146,6 +146,57 @@ impl World {
         c.role = Some(j.role);
         self.clients.push(c);
         self.clients.len() - 1
+    }
+
+    /// Adds a publisher sending simulcast video with the given rids.
+    pub fn publish_simulcast(&mut self, room: &str, rids: &[&str]) -> usize {
+        let mut c = self.new_client();
+        let mut sim = Simulcast::new();
+        for r in rids {
+            sim.add_send_layer(SimulcastLayer::new(r));
+        }
+        let mut api = c.rtc.sdp_api();
+        let v = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, Some(sim));
+        let ch = api.add_channel("control".into());
+        let (offer, pending) = api.apply().expect("offer");
+        let j = self
+            .sfu
+            .publish(self.now, room, &offer.to_sdp_string())
+            .expect("publish accepted");
+        let answer = SdpAnswer::from_sdp_string(&j.sdp).expect("answer parses");
+        c.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .expect("answer");
+        c.video_mid = Some(v);
+        c.control = Some(ch);
+        c.peer = Some(j.peer);
+        c.role = Some(j.role);
+        self.clients.push(c);
+        self.clients.len() - 1
+    }
+
+    /// Writes one frame of `size` bytes on a simulcast layer.
+    pub fn send_layer(&mut self, idx: usize, rid: &str, frame_no: u32, key: bool, size: usize) {
+        let c = &mut self.clients[idx];
+        let mid = c.video_mid.expect("video mid");
+        let now = self.now;
+        let Some(w) = c.rtc.writer(mid) else { return };
+        let Some(pt) = w
+            .payload_params()
+            .find(|p| p.spec().codec == Codec::H264)
+            .map(|p| p.pt())
+        else {
+            return;
+        };
+        let mut data = if key {
+            sps_pps_idr(frame_no)
+        } else {
+            p_frame(frame_no)
+        };
+        data.resize(size.max(data.len()), (frame_no % 251) as u8 | 1);
+        let t = MediaTime::from_90khz(frame_no as u64 * 3000);
+        w.rid(rid.into()).write(pt, now, t, data).expect("write");
     }
 
     /// Adds a viewer (WHEP-style offer); returns its client index.
