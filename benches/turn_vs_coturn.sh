@@ -7,8 +7,12 @@
 # /proc/PID/stat utime+stime (all threads) over packets relayed (each round
 # trip = 2 relayed packets), and the loss.
 #
+# A second, paced scenario (PACED_CLIENTS clients x PACED_RATE packets/s each,
+# like media streams; open loop) is reported on a `PACED` line.
+#
 # Env: PACKETS (per round, default 300000), CLIENTS (4), SIZE (200 bytes),
-#      WINDOW (32), ROUNDS (3), CARGO_TARGET_DIR.
+#      WINDOW (32), ROUNDS (3), PACED_CLIENTS (200), PACED_RATE (50),
+#      PACED_PACKETS (100000, 0 = skip), CARGO_TARGET_DIR.
 # Last line: RESULT ours_us_per_pkt=... coturn_us_per_pkt=... ratio=... ours_loss_pct=... coturn_loss_pct=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +23,9 @@ SIZE=${SIZE:-200}
 WINDOW=${WINDOW:-32}
 ROUNDS=${ROUNDS:-3}
 TARGET=${CARGO_TARGET_DIR:-target}
+PACED_CLIENTS=${PACED_CLIENTS:-200}
+PACED_RATE=${PACED_RATE:-50}
+PACED_PACKETS=${PACED_PACKETS:-100000}
 
 if ! command -v turnserver >/dev/null; then
   echo "SKIP: coturn (turnserver) not installed: apt-get install -y coturn"
@@ -48,7 +55,7 @@ free_udp_port() {
   --max-allocations-per-user 1000 >"$TMP/ours.out" 2>"$TMP/ours.err" &
 OURS_PID=$!
 PIDS+=("$OURS_PID")
-for _ in $(seq 50); do grep -q TURN_READY "$TMP/ours.out" && break; sleep 0.1; done
+for _ in $(seq 50); do grep -q TURN_READY "$TMP/ours.out" 2>/dev/null && break; sleep 0.1; done
 OURS_ADDR=$(sed -nE 's/^TURN_READY udp=([^ ]+) .*/\1/p' "$TMP/ours.out")
 [ -n "$OURS_ADDR" ] || { echo "our server did not start"; cat "$TMP/ours.err"; exit 1; }
 
@@ -92,11 +99,28 @@ for r in $(seq "$ROUNDS"); do
   run coturn "$COTURN_PID" "127.0.0.1:$CPORT"
 done
 
+paced() { # name pid addr -> prints us/pkt
+  local name=$1 pid=$2 addr=$3 a b out
+  a=$(ticks "$pid")
+  out=$("$LOAD_BIN" --server "$addr" --user bench --pass bench --clients "$PACED_CLIENTS" \
+        --packets "$PACED_PACKETS" --size "$SIZE" --rate "$PACED_RATE" --max-secs 120)
+  b=$(ticks "$pid")
+  echo "  paced $name: $out cpu_ticks=$((b - a))" >&2
+  awk -v t="$((b - a))" -v c="$CLK" -v r="$(sed -nE 's/.* relayed=([0-9]+).*/\1/p' <<<"$out")" \
+    'BEGIN{ if (r==0) print "nan"; else printf "%.3f", t*1e6/c/r }'
+}
+
 us() { awk -v t="$1" -v c="$CLK" -v r="$2" 'BEGIN{ if (r==0) print "nan"; else printf "%.3f", t*1e6/c/r }'; }
 pct() { awk -v l="$1" -v s="$2" 'BEGIN{ if (s==0) print "nan"; else printf "%.3f", 100*l/s }'; }
 OURS_US=$(us "${T[ours]}" "${R[ours]}")
 COTURN_US=$(us "${T[coturn]}" "${R[coturn]}")
 RATIO=$(awk -v a="$OURS_US" -v b="$COTURN_US" 'BEGIN{ if (b==0) print "nan"; else printf "%.3f", a/b }')
+if [ "$PACED_PACKETS" -gt 0 ]; then
+  echo "paced: clients=$PACED_CLIENTS rate=${PACED_RATE}pps each packets=$PACED_PACKETS"
+  P_OURS=$(paced ours "$OURS_PID" "$OURS_ADDR")
+  P_COTURN=$(paced coturn "$COTURN_PID" "127.0.0.1:$CPORT")
+  echo "PACED ours_us_per_pkt=$P_OURS coturn_us_per_pkt=$P_COTURN ratio=$(awk -v a="$P_OURS" -v b="$P_COTURN" 'BEGIN{ if (b==0) print "nan"; else printf "%.3f", a/b }')"
+fi
 printf '%-8s %14s %12s %10s\n' server relayed_pkts us_per_pkt loss_pct
 printf '%-8s %14s %12s %10s\n' ours "${R[ours]}" "$OURS_US" "$(pct "${L[ours]}" "${S[ours]}")"
 printf '%-8s %14s %12s %10s\n' coturn "${R[coturn]}" "$COTURN_US" "$(pct "${L[coturn]}" "${S[coturn]}")"

@@ -48,6 +48,10 @@ struct Args {
     /// Packets in flight per client.
     #[arg(long, default_value_t = 32)]
     window: u64,
+    /// Open-loop mode: packets per second per client (paced, like media);
+    /// 0 = closed loop with `--window` packets in flight.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Hard time limit in seconds.
     #[arg(long, default_value_t = 60)]
     max_secs: u64,
@@ -60,6 +64,7 @@ struct Client {
     back: u64,
     last_rx: Instant,
     inflight_base: u64,
+    next_send: Instant,
 }
 
 fn transact(sock: &StdUdp, server: SocketAddr, req: &[u8]) -> io::Result<Vec<u8>> {
@@ -186,6 +191,7 @@ fn main() -> io::Result<()> {
             back: 0,
             last_rx: Instant::now(),
             inflight_base: 0,
+            next_send: Instant::now(),
         });
     }
     let mut frame = vec![0u8; 4 + size];
@@ -197,10 +203,68 @@ fn main() -> io::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.max_secs);
     let mut peer_rx = 0u64;
+    let interval = if a.rate > 0 {
+        Duration::from_secs_f64(1.0 / a.rate as f64)
+    } else {
+        Duration::ZERO
+    };
+    let nclients = clients.len().max(1) as u32;
+    for (i, c) in clients.iter_mut().enumerate() {
+        // Stagger the paced clients over one interval.
+        c.next_send = start + interval * i as u32 / nclients;
+    }
+    let mut last_send = start;
     loop {
         let now = Instant::now();
         if now > deadline {
             break;
+        }
+        if a.rate > 0 {
+            let mut all_sent = true;
+            for c in clients.iter_mut() {
+                while c.sent < per_client && c.next_send <= now {
+                    frame[4..12].copy_from_slice(&c.sent.to_be_bytes());
+                    let _ = c.sock.send(&frame);
+                    c.sent += 1;
+                    c.next_send += interval;
+                    last_send = now;
+                }
+                all_sent &= c.sent >= per_client;
+            }
+            let all_back = clients.iter().all(|c| c.back >= c.sent);
+            if all_sent && (all_back || now.duration_since(last_send) > Duration::from_millis(500))
+            {
+                break;
+            }
+            let next = clients
+                .iter()
+                .filter(|c| c.sent < per_client)
+                .map(|c| c.next_send)
+                .min()
+                .unwrap_or(now + Duration::from_millis(20));
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(20));
+            poll.poll(&mut events, Some(wait))?;
+            for ev in events.iter() {
+                let i = ev.token().0 / 2;
+                let Some(c) = clients.get_mut(i) else {
+                    continue;
+                };
+                if ev.token().0 % 2 == 1 {
+                    while let Ok((n, from)) = c.peer.recv_from(&mut buf) {
+                        peer_rx += 1;
+                        let _ = c.peer.send_to(&buf[..n], from);
+                    }
+                } else {
+                    while let Ok(n) = c.sock.recv(&mut buf) {
+                        if n >= 4 && stun::is_channel_data(&buf[..n]) {
+                            c.back += 1;
+                        }
+                    }
+                }
+            }
+            continue;
         }
         let mut all_done = true;
         for c in clients.iter_mut() {
