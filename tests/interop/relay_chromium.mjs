@@ -32,7 +32,8 @@ const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-relay-chrom
 const args = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-ui-for-media-stream', ...(opts.extraArgs || []),
+  '--use-fake-ui-for-media-stream', '--disable-features=WebRtcHideLocalIpsWithMdns',
+  ...(opts.extraArgs || []),
 ];
 
 let browser;

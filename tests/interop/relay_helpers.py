@@ -319,3 +319,143 @@ def relay_viewer(ice_servers: list[dict], label: str = "relay-viewer"):
             self._relay_pc = RTCPeerConnection(config)
 
     return RelayViewer(label=label)
+
+
+# --------------------------------------------------------------------------------------------
+# NAT: viewer namespace behind a masquerading, firewalled NAT namespace
+# --------------------------------------------------------------------------------------------
+
+
+def _run(args: list[str], check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} -> {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def require_netns_root() -> None:
+    """Skip unless running as root with ``ip netns`` and ``nft`` available."""
+    if os.geteuid() != 0:
+        pytest.skip("NAT test needs root (network namespaces, nftables)")
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"NAT test needs `{tool}` (iproute2 / nftables)")
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        pytest.skip(f"`ip netns` unavailable: {r.stderr.strip()}")
+
+
+class NatTopology:
+    """host (edge) <-veth-> ``er-nat-<tag>`` (masquerade + firewall) <-veth-> ``er-viewer-<tag>``.
+
+    Addresses: host ``10.214.N.1``/30 <-> nat ``10.214.N.2``/30; nat ``10.215.N.1``/30 <->
+    viewer ``10.215.N.2``/30 (default route via the nat). The nat namespace forwards only what
+    ``firewall()`` allows from the viewer to the edge, plus established/related replies, and
+    masquerades everything it forwards to the host side. ``close()`` removes the nft table, both
+    namespaces and the host-side veth (idempotent)."""
+
+    TABLE = "ernat"
+
+    def __init__(self):
+        require_netns_root()
+        self.tag = os.urandom(3).hex()
+        self.nat, self.viewer = f"er-nat-{self.tag}", f"er-viewer-{self.tag}"
+        self.veth_host, self.veth_nat_up = f"erh{self.tag}", f"eru{self.tag}"
+        self.veth_nat_down, self.veth_viewer = f"erd{self.tag}", f"erv{self.tag}"
+        used = _run(["ip", "-4", "-o", "addr"], check=False).stdout
+        n = next((i for i in (int.from_bytes(os.urandom(1), "big") for _ in range(64))
+                  if f"10.214.{i}." not in used), 77)
+        self.host_ip, self.nat_up_ip = f"10.214.{n}.1", f"10.214.{n}.2"
+        self.nat_down_ip, self.viewer_ip = f"10.215.{n}.1", f"10.215.{n}.2"
+        self._created: list[str] = []
+        try:
+            self._build()
+        except RuntimeError as e:
+            self.close()
+            if "Operation not permitted" in str(e) or "not supported" in str(e).lower():
+                pytest.skip(f"cannot build network namespaces here: {e}")
+            raise
+
+    def _build(self) -> None:
+        for ns in (self.nat, self.viewer):
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+        ip = lambda *a: _run(["ip", *a])  # noqa: E731
+        ip("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_nat_up)
+        ip("link", "set", self.veth_nat_up, "netns", self.nat)
+        ip("addr", "add", f"{self.host_ip}/30", "dev", self.veth_host)
+        ip("link", "set", self.veth_host, "up")
+        ip("-n", self.nat, "link", "add", self.veth_nat_down, "type", "veth", "peer", "name", self.veth_viewer)
+        ip("-n", self.nat, "link", "set", self.veth_viewer, "netns", self.viewer)
+        ip("-n", self.nat, "addr", "add", f"{self.nat_up_ip}/30", "dev", self.veth_nat_up)
+        ip("-n", self.nat, "addr", "add", f"{self.nat_down_ip}/30", "dev", self.veth_nat_down)
+        for dev in ("lo", self.veth_nat_up, self.veth_nat_down):
+            ip("-n", self.nat, "link", "set", dev, "up")
+        ip("-n", self.viewer, "addr", "add", f"{self.viewer_ip}/30", "dev", self.veth_viewer)
+        for dev in ("lo", self.veth_viewer):
+            ip("-n", self.viewer, "link", "set", dev, "up")
+        ip("-n", self.viewer, "route", "add", "default", "via", self.nat_down_ip)
+        _run(["ip", "netns", "exec", self.nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+
+    def firewall(self, edge_ip: str, turn_udp: list[int], turn_tcp: list[int], media_port: int) -> None:
+        """Forward from the viewer only UDP to ``turn_udp`` and TCP to ``turn_tcp`` on
+        ``edge_ip``; count (then drop) attempts on the SFU's media port; drop all else."""
+        udp = ", ".join(str(p) for p in turn_udp)
+        tcp = ", ".join(str(p) for p in turn_tcp)
+        rules = f"""
+table inet {self.TABLE} {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "{self.veth_nat_down}" ip daddr {edge_ip} udp dport {{ {udp} }} counter accept
+        iifname "{self.veth_nat_down}" ip daddr {edge_ip} tcp dport {{ {tcp} }} counter accept
+        iifname "{self.veth_nat_down}" ip daddr {edge_ip} udp dport {media_port} counter drop comment "media"
+        counter drop comment "other"
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        oifname "{self.veth_nat_up}" masquerade
+    }}
+}}
+"""
+        r = subprocess.run(["ip", "netns", "exec", self.nat, "nft", "-f", "-"], input=rules,
+                           capture_output=True, text=True, timeout=15)
+        if r.returncode != 0:
+            raise RuntimeError(f"nft -f (in {self.nat}) failed: {r.stderr.strip()}\n{rules}")
+
+    def open_udp(self, edge_ip: str, port: int) -> None:
+        """Inserts an accept rule for UDP from the viewer to ``edge_ip:port`` (a control run)."""
+        _run(["ip", "netns", "exec", self.nat, "nft", "insert", "rule", "inet", self.TABLE, "forward",
+              "iifname", self.veth_nat_down, "ip", "daddr", edge_ip, "udp", "dport", str(port), "accept"])
+
+    def drop_counts(self) -> dict[str, int]:
+        """Packets dropped by the ``media`` and ``other`` rules so far."""
+        out = _run(["ip", "netns", "exec", self.nat, "nft", "list", "chain", "inet", self.TABLE,
+                    "forward"]).stdout
+        counts = {}
+        for line in out.splitlines():
+            m = re.search(r'counter packets (\d+) bytes \d+ drop comment "(\w+)"', line)
+            if m:
+                counts[m.group(2)] = int(m.group(1))
+        return counts
+
+    def ruleset(self) -> str:
+        return _run(["ip", "netns", "exec", self.nat, "nft", "list", "ruleset"], check=False).stdout
+
+    def chromium_wrapper(self, tmp_path: Path) -> str:
+        """An executable that runs Chromium inside the viewer namespace (playwright's pipe
+        file descriptors pass through ``ip netns exec``)."""
+        path = tmp_path / "chromium-in-viewer-ns.sh"
+        path.write_text(f'#!/bin/sh\nexec ip netns exec {self.viewer} {CHROMIUM} "$@"\n')
+        path.chmod(0o755)
+        return str(path)
+
+    def close(self) -> None:
+        if self.nat in self._created:
+            _run(["ip", "netns", "exec", self.nat, "nft", "delete", "table", "inet", self.TABLE],
+                 check=False)
+        for ns in reversed(self._created):
+            _run(["ip", "netns", "del", ns], check=False)
+        self._created.clear()
+        # Deleting the nat namespace destroys its veth ends (and so their peers); make sure.
+        _run(["ip", "link", "del", self.veth_host], check=False)
