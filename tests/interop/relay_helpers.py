@@ -400,16 +400,17 @@ class NatTopology:
     def firewall(self, edge_ip: str, turn_udp: list[int], turn_tcp: list[int], media_port: int) -> None:
         """Forward from the viewer only UDP to ``turn_udp`` and TCP to ``turn_tcp`` on
         ``edge_ip``; count (then drop) attempts on the SFU's media port; drop all else."""
-        udp = ", ".join(str(p) for p in turn_udp)
-        tcp = ", ".join(str(p) for p in turn_tcp)
+        allow = ""
+        for proto, ports in (("udp", turn_udp), ("tcp", turn_tcp)):
+            if ports:
+                allow += (f'        iifname "{self.veth_nat_down}" ip daddr {edge_ip} {proto} dport '
+                          f'{{ {", ".join(str(p) for p in ports)} }} counter accept\n')
         rules = f"""
 table inet {self.TABLE} {{
     chain forward {{
         type filter hook forward priority 0; policy drop;
         ct state established,related accept
-        iifname "{self.veth_nat_down}" ip daddr {edge_ip} udp dport {{ {udp} }} counter accept
-        iifname "{self.veth_nat_down}" ip daddr {edge_ip} tcp dport {{ {tcp} }} counter accept
-        iifname "{self.veth_nat_down}" ip daddr {edge_ip} udp dport {media_port} counter drop comment "media"
+{allow}        iifname "{self.veth_nat_down}" ip daddr {edge_ip} udp dport {media_port} counter drop comment "media"
         counter drop comment "other"
     }}
     chain postrouting {{

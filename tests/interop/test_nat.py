@@ -110,3 +110,41 @@ def test_viewer_behind_nat_gets_video_only_via_turn(nat_topology, edge_factory, 
         f"{o}\n{firewall}")
     assert opened["localCandidate"] and opened["localCandidate"]["type"] in ("host", "srflx", "prflx"), (
         f"control run (no TURN servers) should be direct: {o}")
+
+
+def test_viewer_behind_tls_only_firewall_uses_turns(nat_topology, edge_factory, request, tmp_path):
+    """The firewall forwards only TCP to the edge's TURNS (TLS) port (the "only TCP/443 gets
+    out" case): with all three TURN URLs offered, ICE ends on a relay over TLS and video
+    arrives."""
+    require_chromium()
+    topo = nat_topology
+    edge, urls = start_turn_edge(edge_factory, tmp_path, ip=topo.host_ip)
+    tls = [_port(u) for u in urls if url_transport(u) == "tls"]
+    media_port = int(edge.media.rsplit(":", 1)[1])
+    topo.firewall(topo.host_ip, [], tls, media_port)
+    chromium = topo.chromium_wrapper(tmp_path)
+    pub = EdgePublisher(request, tmp_path, edge, "nat-tls")
+
+    async def scenario():
+        await pub.wait_live()
+        servers = await get_ice_servers(edge)
+        return await run_relay_chromium(request, tmp_path, f"{edge.http}/whep/nat-tls", servers,
+                                        policy="all", seconds=25, min_frames=30, executable=chromium,
+                                        extra_args=["--ignore-certificate-errors"], name="chromium-turns")
+
+    try:
+        res = run(scenario(), timeout=90)
+    finally:
+        pub.stop()
+    edge.assert_alive()
+    r = summary(res)
+    firewall = topo.ruleset()
+    relays = [c for c in res["candidates"] if " typ relay " in c]
+    assert relays, f"no relay candidate gathered through the TLS-only firewall: {r}\n{firewall}"
+    assert res["framesDecoded"] > 30, (
+        f"TLS-only firewall: only {res['framesDecoded']} frames decoded in 25 s: {r}\n{firewall}")
+    local = res["localCandidate"]
+    assert local and local["type"] == "relay" and local["relayProtocol"] == "tls", (
+        f"selected local candidate should be a relay over TLS: {r}")
+    assert topo.drop_counts().get("other", 0) > 0, (
+        f"the firewall dropped nothing else (TURN over UDP/TCP was not even tried?)\n{firewall}")
