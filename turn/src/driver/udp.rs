@@ -452,8 +452,8 @@ impl TurnThread {
         tracing::debug!("TURN thread stopped");
     }
 
-    /// Receive until the socket would block (mio is edge-triggered), one
-    /// recvmmsg batch at a time; the outputs of each batch go out in GSO runs.
+    /// Receive one recvmmsg batch at a time until the socket is drained; the
+    /// outputs of each batch go out in GSO runs.
     fn drain(&mut self, src: Out) {
         loop {
             let n = {
@@ -531,6 +531,12 @@ impl TurnThread {
                 }
             }
             self.batch.flush(&self.listeners, &self.relays);
+            // A short batch means the queue was empty: stop without the extra
+            // recvmmsg that would only return EAGAIN. Safe with edge-triggered
+            // epoll: a datagram queued after that recvmmsg raises a new event.
+            if n < SLOTS {
+                return;
+            }
         }
     }
 
