@@ -1,9 +1,21 @@
-// edgerelay viewer page: WHEP (or the gateway flow when configured) into a <video>,
-// the viewer's role, live stats from getStats(), and input on the `control` channel.
+// edgerelay viewer page: the gateway flow (join or create a session, then the edge
+// WebSocket, docs/PROTOCOL.md section 4) or WHEP into a <video>, the viewer's role,
+// live stats from getStats(), and input on the `control` channel.
+//
+// Query parameters:
+//   ?ws=<socket url>                                  open an edge socket URL directly
+//   ?gateway=<base>&api_token=<t>&session=<id>        join a session (spectator)
+//   ?gateway=<base>&api_token=<t>                     create a session (controller)
+//   ?mode=whep&room=<room>&token=<viewer token>       WHEP fallback (also the default
+//                                                     when no gateway parameter is given)
 "use strict";
 
 const params = new URLSearchParams(location.search);
-const room = params.get("room") || "demo";
+const gateway = (params.get("gateway") || "").replace(/\/+$/, "");
+const apiToken = params.get("api_token") || "";
+const directWs = params.get("ws") || "";
+const mode = params.get("mode") || (directWs || gateway ? "ws" : "whep");
+let room = params.get("room") || params.get("session") || "demo";
 const token = params.get("token") || "";
 const $ = (id) => document.getElementById(id);
 $("room").textContent = room;
@@ -12,6 +24,7 @@ if (params.get("relay") === "1") $("relay").checked = true;
 let pc = null;
 let control = null;
 let resource = null;
+let socket = null;
 
 function log(msg) {
   const el = $("log");
@@ -50,7 +63,113 @@ async function waitGathering(pc) {
   });
 }
 
-async function connect() {
+// Calls the gateway API; returns the envelope's metadata or throws its error message.
+async function gatewayCall(method, path, body) {
+  const resp = await fetch(gateway + path, {
+    method,
+    headers: { "Authorization": "Bearer " + apiToken, "Content-Type": "application/json" },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const env = await resp.json().catch(() => ({ error: "gateway answered " + resp.status }));
+  if (!resp.ok) throw new Error("gateway: " + (env.error || resp.status));
+  return env.metadata;
+}
+
+// `stun_servers` entries use `password`; RTCIceServer wants `credential`.
+function toIceServers(list) {
+  return (list || []).map((s) => {
+    const o = { urls: s.urls };
+    if (s.username) o.username = s.username;
+    if (s.password) o.credential = s.password;
+    return o;
+  });
+}
+
+function newPeer(iceServers, recvTransceivers) {
+  const relayOnly = $("relay").checked;
+  pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" });
+  if (recvTransceivers) {
+    pc.addTransceiver("video", { direction: "recvonly" });
+    pc.addTransceiver("audio", { direction: "recvonly" });
+  }
+  pc.ontrack = (e) => {
+    const v = $("video");
+    if (!v.srcObject) v.srcObject = new MediaStream();
+    v.srcObject.addTrack(e.track);
+  };
+  pc.onconnectionstatechange = () => status(pc.connectionState, pc.connectionState === "failed");
+  // Opened before the offer arrives, like Anbox-style clients; the edge's own
+  // `control` channel (ondatachannel) carries the instance's messages too.
+  control = pc.createDataChannel("control");
+  const onMsg = (e) => log("instance: " + (typeof e.data === "string" ? e.data : "[binary]"));
+  control.onmessage = onMsg;
+  pc.ondatachannel = (e) => { e.channel.onmessage = onMsg; };
+  return pc;
+}
+
+// The gateway flow: get a socket URL (join, create, or given), then speak section 4.
+async function connectWs() {
+  if (pc) { pc.close(); pc = null; }
+  if (socket) { socket.close(); socket = null; }
+  status("connecting");
+  let url = directWs;
+  let iceServers = [];
+  if (!url) {
+    if (!gateway) throw new Error("no gateway= or ws= parameter");
+    const session = params.get("session");
+    const m = session
+      ? await gatewayCall("POST", "/1.0/sessions/" + encodeURIComponent(session) + "/join")
+      : await gatewayCall("POST", "/1.0/sessions", { app: "viewer-page", joinable: true, idle_time_min: 5 });
+    url = m.url;
+    iceServers = toIceServers(m.stun_servers);
+    room = m.id || session;
+    $("room").textContent = room;
+    if (!session) {
+      const share = location.origin + location.pathname + "?gateway=" + encodeURIComponent(gateway) +
+        "&api_token=" + encodeURIComponent(apiToken) + "&session=" + encodeURIComponent(room);
+      log("spectators join with: " + share);
+      log("new session " + room + ": waiting for its instance");
+    }
+  }
+  newPeer(iceServers, false);
+  socket = new WebSocket(url);
+  const send = (m) => socket.send(JSON.stringify(m));
+  pc.onicecandidate = (e) => {
+    if (e.candidate && e.candidate.candidate && socket.readyState === WebSocket.OPEN) {
+      send({ type: "candidate", candidate: btoa(e.candidate.candidate), sdpMid: e.candidate.sdpMid, sdpMLineIndex: e.candidate.sdpMLineIndex });
+    }
+  };
+  socket.onopen = () => send({ type: "discover" });
+  socket.onclose = (e) => log("socket closed (" + e.code + ")");
+  socket.onmessage = async (ev) => {
+    let m;
+    try { m = JSON.parse(ev.data); } catch (e) { return; }
+    try {
+      if (m.type === "resp:discover") {
+        $("role").textContent = m.role;
+        $("role").className = m.role;
+        send({ type: "settings", api_version: 2, data_channels: ["control"], enable_video: true, enable_audio: true });
+      } else if (m.type === "offer") {
+        await pc.setRemoteDescription({ type: "offer", sdp: atob(m.sdp) });
+        await pc.setLocalDescription(await pc.createAnswer());
+        send({ type: "answer", sdp: btoa(pc.localDescription.sdp) });
+        log("joined as " + (m.role || $("role").textContent) + " over the WebSocket");
+      } else if (m.type === "candidate" && m.candidate) {
+        await pc.addIceCandidate({ candidate: atob(m.candidate), sdpMid: m.sdpMid, sdpMLineIndex: m.sdpMLineIndex });
+      } else if (m.type === "error") {
+        status("edge: " + m.message, true);
+      }
+    } catch (e) {
+      status(String(e), true);
+    }
+  };
+}
+
+function connect() {
+  return mode === "whep" ? connectWhep() : connectWs();
+}
+
+async function connectWhep() {
   if (pc) { pc.close(); pc = null; }
   status("connecting");
   const headers = { "Content-Type": "application/sdp" };
@@ -62,17 +181,7 @@ async function connect() {
     const probe = await fetch("/api/ice-servers", { headers });
     if (probe.ok) iceServers = await probe.json();
   }
-  pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  pc.addTransceiver("audio", { direction: "recvonly" });
-  control = pc.createDataChannel("control");
-  control.onmessage = (e) => log("instance: " + (typeof e.data === "string" ? e.data : "[binary]"));
-  pc.ontrack = (e) => {
-    const v = $("video");
-    if (!v.srcObject) v.srcObject = new MediaStream();
-    v.srcObject.addTrack(e.track);
-  };
-  pc.onconnectionstatechange = () => status(pc.connectionState, pc.connectionState === "failed");
+  newPeer(iceServers, true);
   await pc.setLocalDescription(await pc.createOffer());
   await waitGathering(pc);
   const resp = await fetch("/whep/" + encodeURIComponent(room), {
