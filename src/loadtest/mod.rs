@@ -1,5 +1,29 @@
 //! Load generator: a swarm of lightweight str0m viewers against a WHEP endpoint
-//! (edgerelay or Janus), reporting join time, loss, delay and server CPU per packet.
+//! (edgerelay) or a Janus streaming mountpoint, reporting join time, loss, one-way
+//! delay, and the server's CPU per forwarded packet and memory per viewer.
+//!
+//! Phases: (optional) start the bench source and let it connect; ramp viewers up at
+//! `--join-rate`; wait until they receive and settle; the *steady phase* of
+//! `--seconds`, over which packets, loss, delay and server CPU are measured; teardown.
+//! See docs/BENCHMARKS.md for the method.
+
+mod h264;
+mod procstat;
+mod signal;
+mod source;
+mod swarm;
+
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use signal::{Janus, Teardown};
+use swarm::{SwarmShared, ViewerCounters, Worker, NONE};
 
 /// Arguments of `edgerelay loadtest`.
 #[derive(clap::Args, Debug, Clone)]
@@ -7,9 +31,731 @@ pub struct LoadtestArgs {
     /// WHEP endpoint, e.g. http://127.0.0.1:8080/whep/demo
     #[arg(long)]
     pub whep: Option<String>,
+    /// Bearer token for the WHEP endpoint.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Janus HTTP API base URL (e.g. http://10.0.0.2:8088/janus): view a streaming
+    /// mountpoint instead of a WHEP endpoint.
+    #[arg(long, conflicts_with = "whep")]
+    pub janus: Option<String>,
+    /// Janus streaming mountpoint id.
+    #[arg(long, default_value_t = 1)]
+    pub janus_mountpoint: u64,
+    /// Number of viewers (0: only run the source for --seconds).
+    #[arg(long, default_value_t = 10)]
+    pub viewers: usize,
+    /// Viewers joining per second.
+    #[arg(long, default_value_t = 20.0)]
+    pub join_rate: f64,
+    /// Length of the steady (measured) phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Pause between the end of the ramp and the steady phase, in seconds.
+    #[arg(long, default_value_t = 2)]
+    pub settle_seconds: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// PID of the server process (CPU and RSS from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Prometheus endpoint of an edgerelay server (default: /metrics next to --whep).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Worker threads of the swarm (default: number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Local address for the viewers' sockets (default: the route to the server).
+    #[arg(long)]
+    pub local_ip: Option<IpAddr>,
+    /// Name of the server in the report (default: edgerelay or janus).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Start the bench source: publish over WHIP to this URL.
+    #[arg(long)]
+    pub source_whip: Option<String>,
+    /// Bearer token for --source-whip.
+    #[arg(long)]
+    pub source_token: Option<String>,
+    /// Start the bench source: send plain RTP (pt 96) to this address (e.g. a Janus mountpoint).
+    #[arg(long)]
+    pub source_rtp: Option<SocketAddr>,
+    /// Source bitrate in kbit/s.
+    #[arg(long, default_value_t = 2000)]
+    pub source_bitrate_kbps: u32,
+    /// Source frame rate.
+    #[arg(long, default_value_t = 30)]
+    pub source_fps: u32,
+    /// Source picture width.
+    #[arg(long, default_value_t = 1280)]
+    pub source_width: u32,
+    /// Source picture height.
+    #[arg(long, default_value_t = 720)]
+    pub source_height: u32,
+    /// Cache file for the source's encoded loop (reused if present).
+    #[arg(long)]
+    pub source_cache: Option<PathBuf>,
+    /// Convenience: start `edgerelay edge` on loopback as a child process and publish
+    /// the bench source into it (the benches measure a separately started server).
+    #[arg(long, conflicts_with_all = ["whep", "janus"])]
+    pub spawn_edge: bool,
+}
+
+/// Most concurrent signalling exchanges.
+const MAX_CONCURRENT_JOINS: usize = 64;
+/// Longest wait for every viewer to receive media after the ramp.
+const RECEIVE_WAIT: Duration = Duration::from_secs(15);
+
+/// Percentiles of a sample set.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pct {
+    /// Number of samples.
+    pub n: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Pct {
+    /// Nearest-rank percentiles of `v` (sorted in place).
+    pub fn of(v: &mut [f64]) -> Pct {
+        if v.is_empty() {
+            return Pct::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| {
+            let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i]
+        };
+        Pct {
+            n: v.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: v[v.len() - 1],
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"n": self.n, "p50": round3(self.p50), "p99": round3(self.p99), "max": round3(self.max)})
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// A spawned edge (for --spawn-edge).
+struct SpawnedEdge {
+    child: std::process::Child,
+    http: String,
+}
+
+impl Drop for SpawnedEdge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_edge() -> anyhow::Result<SpawnedEdge> {
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "edge",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--media-listen",
+            "127.0.0.1:0",
+            "--public-ip",
+            "127.0.0.1",
+            "--publisher-token",
+            "loadtest-pub",
+            "--viewer-token",
+            "loadtest-view",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout from the edge"))?;
+    let mut edge = SpawnedEdge {
+        child,
+        http: String::new(),
+    };
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for _ in 0..1000 {
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("EDGERELAY_READY ") {
+            if let Some(h) = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("http="))
+            {
+                edge.http = h.trim_end_matches('/').to_owned();
+                // Keep draining stdout so the edge never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines.by_ref() {});
+                return Ok(edge);
+            }
+        }
+    }
+    anyhow::bail!("the edge did not print EDGERELAY_READY")
+}
+
+/// Counters of all viewers at one instant.
+fn snapshot(viewers: &[Arc<ViewerCounters>]) -> Vec<(u64, u64)> {
+    viewers
+        .iter()
+        .map(|c| {
+            (
+                c.received.load(Ordering::Relaxed),
+                c.expected.load(Ordering::Relaxed),
+            )
+        })
+        .collect()
+}
+
+fn progress(
+    json: bool,
+    phase: &str,
+    started: usize,
+    total: usize,
+    viewers: &[Arc<ViewerCounters>],
+    failed: usize,
+) {
+    let connected = viewers
+        .iter()
+        .filter(|c| c.connected.load(Ordering::Relaxed))
+        .count();
+    let receiving = viewers
+        .iter()
+        .filter(|c| c.received.load(Ordering::Relaxed) > 0)
+        .count();
+    let line = format!(
+        "[{phase}] joined {started}/{total}  connected {connected}  receiving {receiving}  failed {failed}"
+    );
+    // Progress goes to stderr so that --json stdout stays one object.
+    let mut e = std::io::stderr().lock();
+    if json {
+        let _ = writeln!(e, "{line}");
+    } else {
+        let _ = write!(e, "\r{line}   ");
+        let _ = e.flush();
+    }
+}
+
+fn origin_of(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    Some(
+        format!("{}://{}", u.scheme(), u.host_str()?)
+            + &u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+    )
 }
 
 /// Runs the load test.
-pub async fn run(_args: LoadtestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("loadtest not implemented yet")
+pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.join_rate > 0.0, "--join-rate must be > 0");
+    anyhow::ensure!(args.seconds > 0, "--seconds must be > 0");
+    let _edge = if args.spawn_edge {
+        let e = tokio::task::spawn_blocking(spawn_edge).await??;
+        args.whep = Some(format!("{}/whep/loadtest", e.http));
+        args.token = Some("loadtest-view".into());
+        args.source_whip
+            .get_or_insert(format!("{}/whip/loadtest", e.http));
+        args.source_token.get_or_insert("loadtest-pub".into());
+        args.server_pid.get_or_insert(e.child.id());
+        Some(e)
+    } else {
+        None
+    };
+    let janus = args.janus.as_deref().map(Janus::new).transpose()?;
+    anyhow::ensure!(
+        args.viewers == 0 || args.whep.is_some() || janus.is_some(),
+        "give --whep URL, --janus URL, or --spawn-edge"
+    );
+    let label = args.label.clone().unwrap_or_else(|| {
+        if janus.is_some() {
+            "janus"
+        } else {
+            "edgerelay"
+        }
+        .to_owned()
+    });
+
+    // The source, if asked for.
+    let src = if args.source_whip.is_some() || args.source_rtp.is_some() {
+        let cfg = source::SourceConfig {
+            whip: args.source_whip.clone(),
+            whip_token: args.source_token.clone(),
+            rtp: args.source_rtp,
+            width: args.source_width,
+            height: args.source_height,
+            fps: args.source_fps,
+            bitrate_kbps: args.source_bitrate_kbps,
+            gop_frames: args.source_fps.saturating_mul(2),
+            loop_frames: args.source_fps.saturating_mul(4),
+            cache: args.source_cache.clone(),
+        };
+        let s = source::start(cfg).await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.stats.connected.load(Ordering::Relaxed) {
+            anyhow::ensure!(!s.is_finished(), "the source stopped before connecting");
+            anyhow::ensure!(Instant::now() < deadline, "the source did not connect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let the server see a first keyframe before viewers arrive.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Some(s)
+    } else {
+        None
+    };
+    if args.viewers == 0 {
+        let end = tokio::time::Instant::now() + Duration::from_secs(args.seconds);
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if let Some(s) = src {
+            let st = &s.stats;
+            eprintln!(
+                "source: frames {} packets {} keyframe requests {}",
+                st.frames.load(Ordering::Relaxed),
+                st.packets.load(Ordering::Relaxed),
+                st.keyframe_requests.load(Ordering::Relaxed)
+            );
+            s.stop().await?;
+        }
+        return Ok(());
+    }
+
+    let target = args
+        .whep
+        .clone()
+        .or_else(|| args.janus.clone())
+        .unwrap_or_default();
+    let local_ip = match args.local_ip {
+        Some(ip) => ip,
+        None => crate::publisher::signal::local_ip_for(&target)?,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let metrics_url = args.metrics.clone().or_else(|| {
+        args.whep
+            .as_deref()
+            .and_then(origin_of)
+            .map(|o| o + "/metrics")
+    });
+    let ticks = procstat::clock_ticks();
+    let server_sample = |pid: Option<u32>| pid.and_then(|p| procstat::sample(p, ticks).ok());
+    let rss_before = server_sample(args.server_pid);
+
+    // Workers.
+    let shared = Arc::new(SwarmShared::default());
+    let nthreads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let mut workers = Vec::with_capacity(nthreads);
+    for i in 0..nthreads {
+        workers.push(Worker::spawn(i, shared.clone())?);
+    }
+
+    // Janus keepalives.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let janus_sessions = Arc::new(Mutex::new(Vec::<u64>::new()));
+    if let Some(j) = janus.clone() {
+        tokio::spawn(j.keepalive_loop(janus_sessions.clone(), stop_rx));
+    }
+
+    // Ramp.
+    let counters: Vec<Arc<ViewerCounters>> = (0..args.viewers)
+        .map(|_| Arc::new(ViewerCounters::default()))
+        .collect();
+    let teardowns = Arc::new(Mutex::new(Vec::<Teardown>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOINS));
+    let mut joins = tokio::task::JoinSet::new();
+    let ramp_start = tokio::time::Instant::now();
+    let mut last_progress = Instant::now();
+    for (i, c) in counters.iter().enumerate() {
+        let at = ramp_start + Duration::from_secs_f64(i as f64 / args.join_rate);
+        tokio::time::sleep_until(at).await;
+        let permit = sem.clone().acquire_owned().await?;
+        let tx = workers[i % nthreads].tx.clone();
+        let (client, janus, whep, token) = (
+            client.clone(),
+            janus.clone(),
+            args.whep.clone(),
+            args.token.clone(),
+        );
+        let (c, teardowns, fails, sessions) = (
+            c.clone(),
+            teardowns.clone(),
+            failures.clone(),
+            janus_sessions.clone(),
+        );
+        let mp = args.janus_mountpoint;
+        joins.spawn(async move {
+            let _permit = permit;
+            let r = match (&janus, &whep) {
+                (Some(j), _) => j.join(mp, local_ip, c.clone()).await,
+                (None, Some(url)) => {
+                    signal::join_whep(&client, url, token.as_deref(), local_ip, c.clone()).await
+                }
+                (None, None) => Err(anyhow::anyhow!("no target")),
+            };
+            match r {
+                Ok((nv, td)) => {
+                    if let Teardown::Janus { session } = &td {
+                        if let Ok(mut s) = sessions.lock() {
+                            s.push(*session);
+                        }
+                    }
+                    if let Ok(mut t) = teardowns.lock() {
+                        t.push(td);
+                    }
+                    if tx.send(nv).is_err() {
+                        c.failed.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    c.failed.store(true, Ordering::Relaxed);
+                    tracing::debug!("viewer join failed: {e:#}");
+                    if let Ok(mut f) = fails.lock() {
+                        f.push(format!("{e:#}"));
+                    }
+                }
+            }
+        });
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let failed = failures.lock().map(|f| f.len()).unwrap_or(0);
+            progress(args.json, "ramp", i + 1, args.viewers, &counters, failed);
+        }
+    }
+    while joins.join_next().await.is_some() {}
+    let ramp_secs = ramp_start.elapsed().as_secs_f64();
+    let wait_end = Instant::now() + RECEIVE_WAIT;
+    while Instant::now() < wait_end {
+        let pending = counters
+            .iter()
+            .any(|c| !c.failed.load(Ordering::Relaxed) && c.received.load(Ordering::Relaxed) == 0);
+        if !pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed_joins = failures.lock().map(|f| f.len()).unwrap_or(0);
+    progress(
+        args.json,
+        "ramp",
+        args.viewers,
+        args.viewers,
+        &counters,
+        failed_joins,
+    );
+    tokio::time::sleep(Duration::from_secs(args.settle_seconds)).await;
+
+    // Steady phase.
+    let snap_a = snapshot(&counters);
+    let cpu_a = server_sample(args.server_pid);
+    let out_a = match &metrics_url {
+        Some(u) => procstat::scrape_counter(&client, u, "edgerelay_rtp_packets_out_total")
+            .await
+            .ok(),
+        None => None,
+    };
+    shared.measuring.store(true, Ordering::Relaxed);
+    let steady_start = Instant::now();
+    let steady_end = steady_start + Duration::from_secs(args.seconds);
+    while Instant::now() < steady_end {
+        let left = steady_end.saturating_duration_since(Instant::now());
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        progress(
+            args.json,
+            "steady",
+            args.viewers,
+            args.viewers,
+            &counters,
+            failed_joins,
+        );
+    }
+    shared.measuring.store(false, Ordering::Relaxed);
+    let steady_secs = steady_start.elapsed().as_secs_f64();
+    let snap_b = snapshot(&counters);
+    let cpu_b = server_sample(args.server_pid);
+    let out_b = match &metrics_url {
+        Some(u) => procstat::scrape_counter(&client, u, "edgerelay_rtp_packets_out_total")
+            .await
+            .ok(),
+        None => None,
+    };
+    if !args.json {
+        eprintln!();
+    }
+
+    // Teardown.
+    shared.stop.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let mut delays: Vec<u32> = Vec::new();
+    for w in workers {
+        let d = tokio::task::spawn_blocking(move || w.join()).await?;
+        delays.extend(d);
+    }
+    let tds: Vec<Teardown> = teardowns.lock().map(|t| t.clone()).unwrap_or_default();
+    let mut set = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOINS));
+    for td in tds {
+        let (client, janus, token, sem) = (
+            client.clone(),
+            janus.clone(),
+            args.token.clone(),
+            sem.clone(),
+        );
+        set.spawn(async move {
+            let _p = sem.acquire_owned().await;
+            signal::teardown(&client, janus.as_ref(), token.as_deref(), td).await;
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let source_stats = src.as_ref().map(|s| {
+        (
+            s.stats.packets.load(Ordering::Relaxed),
+            s.stats.keyframe_requests.load(Ordering::Relaxed),
+        )
+    });
+    if let Some(s) = src {
+        if let Err(e) = s.stop().await {
+            tracing::warn!("source: {e:#}");
+        }
+    }
+
+    // Figures.
+    let n = args.viewers;
+    let mut per_rx = Vec::with_capacity(n);
+    let mut per_lost = Vec::with_capacity(n);
+    let mut per_loss_pct = Vec::with_capacity(n);
+    let (mut sum_rx, mut sum_exp, mut sum_lost) = (0u64, 0u64, 0u64);
+    let mut receiving = 0usize;
+    for ((ra, ea), (rb, eb)) in snap_a.iter().zip(&snap_b) {
+        let rx = rb.saturating_sub(*ra);
+        let exp = eb.saturating_sub(*ea).max(rx);
+        let lost = exp - rx;
+        if rx > 0 {
+            receiving += 1;
+        }
+        sum_rx += rx;
+        sum_exp += exp;
+        sum_lost += lost;
+        per_rx.push(rx as f64);
+        per_lost.push(lost as f64);
+        per_loss_pct.push(if exp > 0 {
+            100.0 * lost as f64 / exp as f64
+        } else {
+            100.0
+        });
+    }
+    let join_ms = |f: fn(&ViewerCounters) -> u64| {
+        let mut v: Vec<f64> = counters
+            .iter()
+            .map(|c| f(c))
+            .filter(|&us| us != NONE)
+            .map(|us| us as f64 / 1000.0)
+            .collect();
+        Pct::of(&mut v)
+    };
+    let j_rtp = join_ms(|c| c.first_rtp_us.load(Ordering::Relaxed));
+    let j_key = join_ms(|c| c.first_key_us.load(Ordering::Relaxed));
+    let j_kc = join_ms(|c| c.key_complete_us.load(Ordering::Relaxed));
+    let mut dms: Vec<f64> = delays.iter().map(|&d| f64::from(d) / 1000.0).collect();
+    let delay = Pct::of(&mut dms);
+    let cpu = match (cpu_a, cpu_b) {
+        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+        _ => None,
+    };
+    let server_pkts = match (out_a, out_b) {
+        (Some(a), Some(b)) if b >= a => Some(b - a),
+        _ => None,
+    };
+    let us_per_pkt = cpu.filter(|_| sum_rx > 0).map(|c| c * 1e6 / sum_rx as f64);
+    let us_per_pkt_server = match (cpu, server_pkts) {
+        (Some(c), Some(p)) if p > 0.0 => Some(c * 1e6 / p),
+        _ => None,
+    };
+    let rss_per_viewer = match (rss_before, cpu_b) {
+        (Some(a), Some(b)) if receiving > 0 => {
+            Some((b.rss_kb as f64 - a.rss_kb as f64) / receiving as f64)
+        }
+        _ => None,
+    };
+    let loss_pct = if sum_exp > 0 {
+        100.0 * sum_lost as f64 / sum_exp as f64
+    } else {
+        100.0
+    };
+    let failures: Vec<String> = failures.lock().map(|f| f.clone()).unwrap_or_default();
+    let viewers_connected = counters
+        .iter()
+        .filter(|c| c.first_rtp_us.load(Ordering::Relaxed) != NONE)
+        .count();
+    let opt = |v: Option<f64>| v.map_or(Value::Null, |x| json!(round3(x)));
+    let report = json!({
+        "server": label,
+        "target": target,
+        "viewers": n,
+        "viewers_received_any": viewers_connected,
+        "viewers_receiving_steady": receiving,
+        "join_failures": failures.len(),
+        "join_failure_sample": failures.first(),
+        "join_rate": args.join_rate,
+        "ramp_seconds": round3(ramp_secs),
+        "steady_seconds": round3(steady_secs),
+        "worker_threads": nthreads,
+        "join_ms_first_rtp": j_rtp.json(),
+        "join_ms_first_keyframe": j_key.json(),
+        "join_ms_keyframe_complete": j_kc.json(),
+        "packets_per_viewer": Pct::of(&mut per_rx).json(),
+        "lost_per_viewer": Pct::of(&mut per_lost).json(),
+        "loss_pct_per_viewer": Pct::of(&mut per_loss_pct).json(),
+        "packets_received": sum_rx,
+        "packets_expected": sum_exp,
+        "packets_lost": sum_lost,
+        "loss_pct": round3(loss_pct),
+        "packets_per_second": round3(sum_rx as f64 / steady_secs.max(1e-9)),
+        "delay_ms": delay.json(),
+        "server_pid": args.server_pid,
+        "server_cpu_seconds": opt(cpu),
+        "server_cpu_pct": opt(cpu.map(|c| 100.0 * c / steady_secs.max(1e-9))),
+        "server_packets_out": opt(server_pkts),
+        "us_per_pkt": opt(us_per_pkt),
+        "us_per_pkt_server_count": opt(us_per_pkt_server),
+        "rss_kb_before": rss_before.map(|s| s.rss_kb),
+        "rss_kb_after": cpu_b.map(|s| s.rss_kb),
+        "rss_kb_per_viewer": opt(rss_per_viewer),
+        "source_packets_sent": source_stats.map(|s| s.0),
+        "source_keyframe_requests": source_stats.map(|s| s.1),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn fmt_pct(v: &Value) -> String {
+    format!(
+        "{:>10} {:>10} {:>10} {:>7}",
+        v["p50"], v["p99"], v["max"], v["n"]
+    )
+}
+
+fn print_table(r: &Value) {
+    let mut o = String::new();
+    let line = |o: &mut String, k: &str, v: String| o.push_str(&format!("{k:<34} {v}\n"));
+    line(
+        &mut o,
+        "server",
+        format!(
+            "{} ({})",
+            r["server"].as_str().unwrap_or("?"),
+            r["target"].as_str().unwrap_or("")
+        ),
+    );
+    line(
+        &mut o,
+        "viewers (received any / steady)",
+        format!(
+            "{} ({} / {}), {} join failures",
+            r["viewers"],
+            r["viewers_received_any"],
+            r["viewers_receiving_steady"],
+            r["join_failures"]
+        ),
+    );
+    line(
+        &mut o,
+        "ramp / steady seconds",
+        format!("{} / {}", r["ramp_seconds"], r["steady_seconds"]),
+    );
+    o.push_str(&format!(
+        "{:<34} {:>10} {:>10} {:>10} {:>7}\n",
+        "", "p50", "p99", "max", "n"
+    ));
+    for (k, name) in [
+        ("join_ms_first_rtp", "join -> first RTP (ms)"),
+        ("join_ms_first_keyframe", "join -> keyframe start (ms)"),
+        (
+            "join_ms_keyframe_complete",
+            "join -> keyframe complete (ms)",
+        ),
+        ("packets_per_viewer", "packets per viewer"),
+        ("lost_per_viewer", "lost per viewer"),
+        ("loss_pct_per_viewer", "loss % per viewer"),
+        ("delay_ms", "one-way delay (ms)"),
+    ] {
+        line(&mut o, name, fmt_pct(&r[k]));
+    }
+    line(
+        &mut o,
+        "packets received / lost",
+        format!(
+            "{} / {} ({} %)",
+            r["packets_received"], r["packets_lost"], r["loss_pct"]
+        ),
+    );
+    line(
+        &mut o,
+        "server CPU (s, %)",
+        format!("{} s, {} %", r["server_cpu_seconds"], r["server_cpu_pct"]),
+    );
+    line(
+        &mut o,
+        "server CPU per forwarded packet",
+        format!(
+            "{} us (viewer count), {} us (server count)",
+            r["us_per_pkt"], r["us_per_pkt_server_count"]
+        ),
+    );
+    line(
+        &mut o,
+        "server RSS growth per viewer",
+        format!(
+            "{} KiB ({} -> {} KiB)",
+            r["rss_kb_per_viewer"], r["rss_kb_before"], r["rss_kb_after"]
+        ),
+    );
+    print!("{o}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let p = Pct::of(&mut v);
+        assert_eq!((p.n, p.p50, p.p99, p.max), (100, 50.0, 99.0, 100.0));
+        assert_eq!(Pct::of(&mut []), Pct::default());
+        let mut one = [7.0];
+        assert_eq!(Pct::of(&mut one).p99, 7.0);
+    }
+
+    #[test]
+    fn origin_keeps_port() {
+        assert_eq!(
+            origin_of("http://127.0.0.1:8080/whep/x").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            origin_of("https://a.example/whep/x").as_deref(),
+            Some("https://a.example")
+        );
+    }
 }

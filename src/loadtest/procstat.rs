@@ -1,0 +1,122 @@
+//! Server-side figures: CPU time and RSS of a process from /proc, and counters from
+//! an edgerelay `/metrics` endpoint.
+
+use std::time::Duration;
+
+/// CPU time and memory of a process at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcSample {
+    /// utime + stime, in seconds (all threads).
+    pub cpu_seconds: f64,
+    /// Resident set size in KiB.
+    pub rss_kb: u64,
+}
+
+/// Clock ticks per second for /proc/PID/stat (`getconf CLK_TCK`, 100 if unknown).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// Parses utime + stime (in ticks) from the text of /proc/PID/stat.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    // The command name may contain spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Parses VmRSS (KiB) from the text of /proc/PID/status.
+pub fn parse_status_rss_kb(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Reads CPU seconds and RSS of `pid`.
+pub fn sample(pid: u32, ticks_per_sec: f64) -> anyhow::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let ticks =
+        parse_stat_ticks(&stat).ok_or_else(|| anyhow::anyhow!("cannot parse /proc/{pid}/stat"))?;
+    Ok(ProcSample {
+        cpu_seconds: ticks as f64 / ticks_per_sec,
+        rss_kb: parse_status_rss_kb(&status).unwrap_or(0),
+    })
+}
+
+/// Reads one counter (sum over its label sets) from a Prometheus text endpoint.
+pub async fn scrape_counter(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let text = client
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    parse_counter(&text, name).ok_or_else(|| anyhow::anyhow!("{name} not found at {url}"))
+}
+
+/// Sums the samples of metric `name` in Prometheus exposition text.
+pub fn parse_counter(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let v = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = v {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_files_and_metrics() {
+        let stat = "1234 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0";
+        assert_eq!(parse_stat_ticks(stat), Some(300));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+        let status = "Name:\tx\nVmRSS:\t  10240 kB\nThreads: 3\n";
+        assert_eq!(parse_status_rss_kb(status), Some(10240));
+        let m = "# TYPE edgerelay_rtp_packets_out_total counter\n\
+                 edgerelay_rtp_packets_out_total 1234\n\
+                 edgerelay_rtp_packets_out_totalx 5\n\
+                 edgerelay_dropped_packets_total{reason=\"a\"} 2\n\
+                 edgerelay_dropped_packets_total{reason=\"b\"} 3\n";
+        assert_eq!(
+            parse_counter(m, "edgerelay_rtp_packets_out_total"),
+            Some(1234.0)
+        );
+        assert_eq!(
+            parse_counter(m, "edgerelay_dropped_packets_total"),
+            Some(5.0)
+        );
+        assert_eq!(parse_counter(m, "nope"), None);
+        let me = sample(std::process::id(), clock_ticks()).expect("own /proc");
+        assert!(me.rss_kb > 0);
+    }
+}

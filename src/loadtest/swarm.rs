@@ -1,0 +1,459 @@
+//! The viewer swarm: a few worker threads (one per core by default), each owning many
+//! str0m peers in RTP mode, each peer with its own non-blocking UDP socket, all
+//! multiplexed on one `mio` poll per thread. Peers do full ICE, DTLS, SRTP and RTCP
+//! feedback (receiver reports, NACK), but nothing decodes: every received RTP packet
+//! is counted, checked for a keyframe start and for the source's send-time stamp.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use str0m::media::Pt;
+use str0m::net::{Protocol, Receive};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+
+use super::h264;
+use super::source::unix_micros;
+
+/// Marker for "not yet" in the atomic timestamps.
+pub const NONE: u64 = u64::MAX;
+/// Receive buffer size.
+const RECV_BUF: usize = 2048;
+/// Interval at which a worker fires expired str0m timeouts.
+const TICK: Duration = Duration::from_millis(5);
+/// Kernel receive buffer asked for each viewer socket.
+const SO_RCVBUF: usize = 1 << 20;
+/// Window for duplicate detection (in sequence numbers).
+const DEDUP_WINDOW: u64 = 1024;
+
+/// str0m configuration of a swarm viewer: RTP mode, H.264 (and VP8) only.
+pub fn rtc_config() -> RtcConfig {
+    let mut cfg = RtcConfig::new().clear_codecs().set_rtp_mode(true);
+    let cc = cfg.codec_config();
+    cc.add_h264(Pt::from(102), Some(Pt::from(103)), true, 0x42e01f);
+    cc.add_h264(Pt::from(127), Some(Pt::from(121)), true, 0x42001f);
+    cfg.enable_vp8(true)
+}
+
+/// Counters of one viewer, shared between its worker thread and the controller.
+#[derive(Debug)]
+pub struct ViewerCounters {
+    /// Unique RTP packets received.
+    pub received: AtomicU64,
+    /// Packets expected from the sequence range seen (highest - first + 1).
+    pub expected: AtomicU64,
+    /// Duplicate packets (retransmissions that arrived twice).
+    pub duplicates: AtomicU64,
+    /// Payload bytes received.
+    pub bytes: AtomicU64,
+    /// Microseconds from the join request to the first RTP packet, or [`NONE`].
+    pub first_rtp_us: AtomicU64,
+    /// Microseconds from the join request to the first packet of a keyframe, or [`NONE`].
+    pub first_key_us: AtomicU64,
+    /// Microseconds from the join request to the end of the first gap-free keyframe.
+    pub key_complete_us: AtomicU64,
+    /// DTLS up.
+    pub connected: AtomicBool,
+    /// Signalling or media failed.
+    pub failed: AtomicBool,
+}
+
+impl Default for ViewerCounters {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            first_rtp_us: AtomicU64::new(NONE),
+            first_key_us: AtomicU64::new(NONE),
+            key_complete_us: AtomicU64::new(NONE),
+            connected: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A signalled viewer ready for its worker thread.
+pub struct NewViewer {
+    /// The peer, with the remote description applied.
+    pub rtc: Rtc,
+    /// Its socket (already bound; its address is the host candidate).
+    pub socket: std::net::UdpSocket,
+    /// When signalling started.
+    pub requested: Instant,
+    /// Where to count.
+    pub counters: Arc<ViewerCounters>,
+}
+
+/// State shared by the controller and all workers.
+#[derive(Default)]
+pub struct SwarmShared {
+    /// Stop the workers.
+    pub stop: AtomicBool,
+    /// Collect delay samples (the steady phase).
+    pub measuring: AtomicBool,
+}
+
+/// A running worker thread; `join` returns its one-way delay samples in microseconds.
+pub struct Worker {
+    /// Hands new viewers to the thread.
+    pub tx: mpsc::Sender<NewViewer>,
+    thread: JoinHandle<Vec<u32>>,
+}
+
+impl Worker {
+    /// Starts a worker thread.
+    pub fn spawn(idx: usize, shared: Arc<SwarmShared>) -> anyhow::Result<Worker> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("loadtest-{idx}"))
+            .spawn(move || match worker_loop(rx, &shared) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("loadtest worker failed: {e:#}");
+                    Vec::new()
+                }
+            })?;
+        Ok(Worker { tx, thread })
+    }
+
+    /// Waits for the thread (after [`SwarmShared::stop`]) and returns its delay samples.
+    pub fn join(self) -> Vec<u32> {
+        drop(self.tx);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Keyframe tracking of one viewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyState {
+    /// No keyframe start seen yet.
+    Waiting,
+    /// Inside the first keyframe; last sequence number seen.
+    InKey(u64),
+    /// First complete keyframe seen (or given up after a gap, then waiting again).
+    Done,
+}
+
+struct Viewer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    timeout: Instant,
+    requested: Instant,
+    c: Arc<ViewerCounters>,
+    first_seq: Option<u64>,
+    max_seq: u64,
+    /// Bit i set: sequence number `max_seq - i` received.
+    window: [u64; (DEDUP_WINDOW / 64) as usize],
+    key: KeyState,
+    dead: bool,
+}
+
+impl Viewer {
+    fn since_request(&self) -> u64 {
+        self.requested.elapsed().as_micros() as u64
+    }
+
+    /// Records a sequence number; returns false for a duplicate.
+    fn record_seq(&mut self, seq: u64) -> bool {
+        let Some(first) = self.first_seq else {
+            self.first_seq = Some(seq);
+            self.max_seq = seq;
+            self.window = [0; (DEDUP_WINDOW / 64) as usize];
+            self.window[0] = 1;
+            return true;
+        };
+        if seq < first {
+            return false;
+        }
+        if seq > self.max_seq {
+            let shift = seq - self.max_seq;
+            self.shift_window(shift);
+            self.max_seq = seq;
+            self.window[0] |= 1;
+            return true;
+        }
+        let back = self.max_seq - seq;
+        if back >= DEDUP_WINDOW {
+            return false; // too old to tell: count as duplicate, not as new
+        }
+        let (w, b) = ((back / 64) as usize, back % 64);
+        if self.window[w] & (1 << b) != 0 {
+            return false;
+        }
+        self.window[w] |= 1 << b;
+        true
+    }
+
+    fn shift_window(&mut self, shift: u64) {
+        let words = self.window.len();
+        if shift >= DEDUP_WINDOW {
+            self.window = [0; (DEDUP_WINDOW / 64) as usize];
+            return;
+        }
+        let (ws, bs) = ((shift / 64) as usize, shift % 64);
+        for i in (0..words).rev() {
+            let src = i.checked_sub(ws);
+            let mut v = src.map_or(0, |s| self.window[s] << bs);
+            if bs > 0 {
+                if let Some(s2) = i.checked_sub(ws + 1) {
+                    v |= self.window[s2] >> (64 - bs);
+                }
+            }
+            self.window[i] = v;
+        }
+    }
+
+    fn on_rtp(&mut self, pkt: &str0m::rtp::RtpPacket, measuring: bool, delays: &mut Vec<u32>) {
+        let seq = *pkt.seq_no;
+        if !self.record_seq(seq) {
+            self.c.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let c = &self.c;
+        if c.received.fetch_add(1, Ordering::Relaxed) == 0 {
+            c.first_rtp_us
+                .store(self.since_request(), Ordering::Relaxed);
+        }
+        if let Some(first) = self.first_seq {
+            c.expected
+                .store(self.max_seq - first + 1, Ordering::Relaxed);
+        }
+        c.bytes
+            .fetch_add(pkt.payload.len() as u64, Ordering::Relaxed);
+        let payload = &pkt.payload[..];
+        match self.key {
+            KeyState::Waiting | KeyState::InKey(_) if h264::starts_keyframe(payload) => {
+                if c.first_key_us.load(Ordering::Relaxed) == NONE {
+                    c.first_key_us
+                        .store(self.since_request(), Ordering::Relaxed);
+                }
+                // SPS, PPS, IDR fragments all "start" in the sense of carrying key data;
+                // only the first one opens the keyframe.
+                if self.key == KeyState::Waiting {
+                    self.key = KeyState::InKey(seq);
+                } else if let KeyState::InKey(last) = self.key {
+                    self.key = if seq == last + 1 {
+                        KeyState::InKey(seq)
+                    } else {
+                        KeyState::Waiting
+                    };
+                }
+            }
+            KeyState::InKey(last) => {
+                self.key = if seq == last + 1 {
+                    KeyState::InKey(seq)
+                } else {
+                    KeyState::Waiting
+                };
+            }
+            _ => {}
+        }
+        if let KeyState::InKey(_) = self.key {
+            if pkt.header.marker {
+                self.key = KeyState::Done;
+                c.key_complete_us
+                    .store(self.since_request(), Ordering::Relaxed);
+            }
+        }
+        if measuring {
+            if let Some(sent) = h264::read_stamp(payload) {
+                let d = unix_micros().saturating_sub(sent);
+                delays.push(d.min(u64::from(u32::MAX)) as u32);
+            }
+        }
+    }
+
+    /// Polls str0m until it wants to wait; sends transmits, handles events.
+    fn drain(&mut self, measuring: bool, delays: &mut Vec<u32>) {
+        for _ in 0..10_000 {
+            let out = match self.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::debug!("viewer poll_output: {e}");
+                    self.fail();
+                    return;
+                }
+            };
+            match out {
+                Output::Timeout(t) => {
+                    self.timeout = t;
+                    return;
+                }
+                Output::Transmit(t) => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                        tracing::trace!("viewer send: {e}");
+                    }
+                }
+                Output::Event(e) => match e {
+                    Event::Connected => self.c.connected.store(true, Ordering::Relaxed),
+                    Event::RtpPacket(p) => self.on_rtp(&p, measuring, delays),
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        self.fail();
+                        return;
+                    }
+                    _ => {}
+                },
+            }
+        }
+        self.timeout = Instant::now() + TICK;
+    }
+
+    fn fail(&mut self) {
+        self.dead = true;
+        self.c.failed.store(true, Ordering::Relaxed);
+        self.c.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::Result<Vec<u32>> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(1024);
+    let mut viewers: Vec<Viewer> = Vec::new();
+    let mut delays: Vec<u32> = Vec::new();
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut next_tick = Instant::now();
+    let mut rx_open = true;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let measuring = shared.measuring.load(Ordering::Relaxed);
+        // New viewers.
+        while rx_open {
+            match rx.try_recv() {
+                Ok(nv) => {
+                    if let Err(e) = add_viewer(&mut poll, &mut viewers, nv, &mut delays) {
+                        tracing::warn!("cannot add viewer: {e:#}");
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => rx_open = false,
+            }
+        }
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        poll.poll(&mut events, Some(wait))?;
+        for ev in events.iter() {
+            let Some(v) = viewers.get_mut(ev.token().0) else {
+                continue;
+            };
+            if v.dead {
+                continue;
+            }
+            // Bounded per wake-up so one busy socket cannot starve the others.
+            for _ in 0..256 {
+                match v.socket.recv_from(&mut buf) {
+                    Ok((n, source)) => {
+                        let now = Instant::now();
+                        let Ok(r) = Receive::new(Protocol::Udp, source, v.local, &buf[..n]) else {
+                            continue;
+                        };
+                        if let Err(e) = v.rtc.handle_input(Input::Receive(now, r)) {
+                            tracing::trace!("viewer dropped datagram: {e}");
+                        }
+                        v.drain(measuring, &mut delays);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("viewer recv: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + TICK;
+            for v in viewers.iter_mut().filter(|v| !v.dead && v.timeout <= now) {
+                if let Err(e) = v.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!("viewer timeout: {e}");
+                }
+                v.drain(measuring, &mut delays);
+                if !v.rtc.is_alive() {
+                    v.fail();
+                }
+            }
+        }
+    }
+    for v in &mut viewers {
+        v.rtc.disconnect();
+        v.drain(false, &mut delays);
+    }
+    Ok(delays)
+}
+
+fn add_viewer(
+    poll: &mut Poll,
+    viewers: &mut Vec<Viewer>,
+    nv: NewViewer,
+    delays: &mut Vec<u32>,
+) -> anyhow::Result<()> {
+    let local = nv.socket.local_addr()?;
+    nv.socket.set_nonblocking(true)?;
+    let sock2 = socket2::SockRef::from(&nv.socket);
+    let _ = sock2.set_recv_buffer_size(SO_RCVBUF);
+    let mut socket = UdpSocket::from_std(nv.socket);
+    let token = Token(viewers.len());
+    poll.registry()
+        .register(&mut socket, token, Interest::READABLE)?;
+    let mut v = Viewer {
+        rtc: nv.rtc,
+        socket,
+        local,
+        timeout: Instant::now(),
+        requested: nv.requested,
+        c: nv.counters,
+        first_seq: None,
+        max_seq: 0,
+        window: [0; (DEDUP_WINDOW / 64) as usize],
+        key: KeyState::Waiting,
+        dead: false,
+    };
+    v.drain(false, delays);
+    viewers.push(v);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn viewer() -> Viewer {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let local = s.local_addr().expect("addr");
+        Viewer {
+            rtc: rtc_config().build(Instant::now()),
+            socket: UdpSocket::from_std(s),
+            local,
+            timeout: Instant::now(),
+            requested: Instant::now(),
+            c: Arc::new(ViewerCounters::default()),
+            first_seq: None,
+            max_seq: 0,
+            window: [0; (DEDUP_WINDOW / 64) as usize],
+            key: KeyState::Waiting,
+            dead: false,
+        }
+    }
+
+    #[test]
+    fn dedup_window_counts_each_sequence_once() {
+        let mut v = viewer();
+        assert!(v.record_seq(100));
+        assert!(v.record_seq(101));
+        assert!(!v.record_seq(101));
+        assert!(v.record_seq(105)); // gap 102..104
+        assert!(v.record_seq(103)); // late (retransmitted)
+        assert!(!v.record_seq(103));
+        assert!(v.record_seq(100 + 200));
+        assert!(v.record_seq(104));
+        assert!(!v.record_seq(105));
+        assert!(v.record_seq(5000)); // big jump clears the window
+        assert!(!v.record_seq(100)); // before the first: ignored
+        assert!(!v.record_seq(3000)); // too old to tell
+        assert!(v.record_seq(4999));
+    }
+}
