@@ -91,12 +91,15 @@ def _check_rest_credentials(server: dict, secret: str, ttl: int) -> None:
     assert cred == want, f"credential for {user!r} is {cred!r}, want base64(HMAC-SHA1(secret, user)) {want!r}"
 
 
-def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_path):
-    """aiortc, relay-only over UDP, with the ICE server taken from a WHEP 201's ``Link``
-    headers: decodes frames, and the edge counts the packets the TURN server handed to the SFU
-    in-process (``edgerelay_turn_handoff_in_total``)."""
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_path, monkeypatch, transport):
+    """aiortc, relay-only over one transport, with the ICE server taken from a WHEP 201's
+    ``Link`` headers: decodes frames, and the edge counts the packets the TURN server handed to
+    the SFU in-process (``edgerelay_turn_handoff_in_total``)."""
     require_aiortc()
     edge, ready_urls = start_turn_edge(edge_factory, tmp_path)
+    # aioice verifies the TURNS certificate against the default store: trust the test's own.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "turn-cert.pem"))
     pub = EdgePublisher(request, tmp_path, edge, "relay-aio")
 
     async def scenario():
@@ -120,15 +123,16 @@ def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_pa
         for s in link_servers + api:
             _check_rest_credentials(s, "interop-turn-secret", 600)
 
-        udp = for_transport(link_servers, "udp")[:1]  # aioice uses only the first TURN server
+        chosen = for_transport(link_servers, transport)[:1]  # aioice uses only the first server
         before = await scrape_metrics(edge)
-        viewer = relay_viewer(udp, label="aiortc-relay")
+        viewer = relay_viewer(chosen, label=f"aiortc-relay-{transport}")
         try:
             await viewer.signal(edge.http, "/whep/relay-aio", VIEW_TOKEN)
             offer = viewer.pc.localDescription.sdp
             cands = [l for l in offer.splitlines() if l.startswith("a=candidate:")]
             assert cands and all(" typ relay" in c for c in cands), (
-                f"aiortc relay-only offer must carry only relay candidates: {cands}")
+                f"aiortc relay-only offer over {transport} must carry relay candidates only, and at least "
+                f"one (none means the TURN allocation failed): {cands}")
             await viewer.wait_connected(15)
             await viewer.wait_frames(30, 20)
             pair = viewer.pc.getTransceivers()[0].receiver.transport.transport \
@@ -146,6 +150,8 @@ def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_pa
     assert frames >= 30 and size == (320, 240), f"aiortc relay viewer decoded {frames} frames of {size}"
     assert pair is not None and pair.local_candidate.type == "relay", (
         f"aiortc nominated pair is not relayed: {pair}")
+    allocations = after.get(ALLOCATIONS_CREATED, 0) - before.get(ALLOCATIONS_CREATED, 0)
+    assert allocations >= 1, f"no TURN allocation over {transport} counted"
     d_in = after.get(HANDOFF_IN, 0) - before.get(HANDOFF_IN, 0)
     d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
     assert d_in > 0, (
