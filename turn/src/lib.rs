@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod config;
 pub mod driver;
+pub mod ice;
 pub mod metrics;
 pub mod policy;
 pub mod server;
@@ -21,5 +22,6 @@ pub mod stun;
 pub use auth::rest_credentials;
 pub use config::TurnConfig;
 pub use driver::{ChannelPeer, LocalHandoff, LocalPacket, TurnHandle, TurnServer};
+pub use ice::{ice_urls, link_header_values};
 
 pub use server::{Action, FiveTuple, LocalPeer, Relay, RelayAllocator, Server, Transport};
