@@ -288,7 +288,9 @@ impl Sfu {
         if offer.trim().is_empty() {
             return Err(SfuError::BadSdp("empty offer".into()));
         }
-        SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))
+        let bundled = bundle_single_section(offer);
+        SdpOffer::from_sdp_string(bundled.as_deref().unwrap_or(offer))
+            .map_err(|e| SfuError::BadSdp(e.to_string()))
     }
 
     /// Accepts a publisher's SDP offer (WHIP) for `room`, creating the room.
@@ -1179,6 +1181,34 @@ fn sending_tracks(sdp: &str, seq_start: u64) -> [Option<TrackOut>; 2] {
     }
     flush(kind, mid, sends);
     out
+}
+
+/// An offer with one media section and no BUNDLE group is legal (and what
+/// GStreamer's WHIP client sends for video only); str0m wants a group, and a
+/// group of one section changes nothing on the wire. Returns the patched offer.
+fn bundle_single_section(offer: &str) -> Option<String> {
+    if offer.contains("a=group:BUNDLE") {
+        return None;
+    }
+    let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
+    if sections != 1 {
+        return None;
+    }
+    let mid = offer
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("a=mid:"))?
+        .trim()
+        .to_string();
+    let mut out = String::with_capacity(offer.len() + 32);
+    let mut done = false;
+    for line in offer.split_inclusive('\n') {
+        if !done && line.starts_with("m=") {
+            out.push_str(&format!("a=group:BUNDLE {mid}\r\n"));
+            done = true;
+        }
+        out.push_str(line);
+    }
+    Some(out)
 }
 
 /// True if any media section of the answer has one of `dirs` (our side's direction).

@@ -228,3 +228,26 @@ fn signalling_errors_are_specific_and_harmless() {
         "the running room is unharmed"
     );
 }
+
+#[test]
+fn single_section_offer_without_bundle_is_accepted() {
+    let mut w = world();
+    let now = w.now;
+    let mut rtc = str0m::Rtc::new(now);
+    let mut api = rtc.sdp_api();
+    api.add_media(
+        str0m::media::MediaKind::Video,
+        str0m::media::Direction::SendOnly,
+        None,
+        None,
+        None,
+    );
+    let sdp = api.apply().expect("offer").0.to_sdp_string();
+    let unbundled: String = sdp
+        .split_inclusive('\n')
+        .filter(|l| !l.starts_with("a=group:BUNDLE"))
+        .collect();
+    assert!(!unbundled.contains("a=group"));
+    let j = w.sfu.publish(now, "solo", &unbundled).expect("accepted");
+    assert!(j.sdp.contains("a=group:BUNDLE"));
+}
