@@ -218,20 +218,31 @@ impl TurnServer {
         };
         let udp_addrs = turn.udp_addrs();
         let mut threads = Vec::new();
-        threads.push(
-            std::thread::Builder::new()
-                .name("edgerelay-turn".into())
-                .spawn(move || turn.run())?,
-        );
         let mut tcp = Vec::new();
         let mut tls = Vec::new();
         let mut stream_shutdown = None;
+        // Streams first: if they fail, nothing has been spawned yet.
         if !cfg.listen_tcp.is_empty() || !cfg.listen_tls.is_empty() {
             let (addrs_tcp, addrs_tls, sd, th) = stream::start(cfg, cmd.clone())?;
             tcp = addrs_tcp;
             tls = addrs_tls;
             stream_shutdown = Some(sd);
             threads.push(th);
+        }
+        match std::thread::Builder::new()
+            .name("edgerelay-turn".into())
+            .spawn(move || turn.run())
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                if let Some(sd) = stream_shutdown.take() {
+                    let _ = sd.send(true);
+                }
+                for t in threads.drain(..) {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
         }
         Ok(TurnServer {
             handle: TurnHandle { cmd, relays },
