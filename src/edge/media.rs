@@ -189,7 +189,11 @@ pub struct TurnLink {
 }
 
 /// Starts the media thread on a bound socket.
-pub fn spawn(ms: MediaSocket, cfg: SfuConfig, turn: Option<TurnLink>) -> anyhow::Result<MediaHandle> {
+pub fn spawn(
+    ms: MediaSocket,
+    cfg: SfuConfig,
+    turn: Option<TurnLink>,
+) -> anyhow::Result<MediaHandle> {
     let MediaSocket {
         socket,
         waker,
@@ -338,7 +342,10 @@ impl Engine {
             if let Some(turn) = &self.turn {
                 if self.relayed.contains_key(&t.destination) {
                     self.shared.relayed_out.fetch_add(1, Ordering::Relaxed);
-                    if !turn.handle.send_from_local(t.source, t.destination, &t.contents) {
+                    if !turn
+                        .handle
+                        .send_from_local(t.source, t.destination, &t.contents)
+                    {
                         self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;

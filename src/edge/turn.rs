@@ -169,10 +169,7 @@ impl EdgeTurn {
         let ips: Vec<IpAddr> = sfu_addrs.iter().map(|a| a.ip()).collect();
         let server = TurnServer::start(
             &cfg,
-            Some(edgerelay_turn::LocalHandoff {
-                peer: handoff,
-                ips,
-            }),
+            Some(edgerelay_turn::LocalHandoff { peer: handoff, ips }),
         )
         .map_err(|e| anyhow::anyhow!("turn: cannot start: {e}"))?;
         let host = match &section.url_host {
