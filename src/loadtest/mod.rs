@@ -111,6 +111,8 @@ const RECEIVE_WAIT: Duration = Duration::from_secs(15);
 pub struct Pct {
     /// Number of samples.
     pub n: usize,
+    /// Minimum.
+    pub min: f64,
     /// Median.
     pub p50: f64,
     /// 99th percentile.
@@ -132,6 +134,7 @@ impl Pct {
         };
         Pct {
             n: v.len(),
+            min: v[0],
             p50: at(0.50),
             p99: at(0.99),
             max: v[v.len() - 1],
@@ -139,7 +142,7 @@ impl Pct {
     }
 
     fn json(&self) -> Value {
-        json!({"n": self.n, "p50": round3(self.p50), "p99": round3(self.p99), "max": round3(self.max)})
+        json!({"n": self.n, "min": round3(self.min), "p50": round3(self.p50), "p99": round3(self.p99), "max": round3(self.max)})
     }
 }
 

@@ -22,7 +22,7 @@ use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, IceConnectionState, Rtc, RtcConfig};
+use str0m::{Candidate, Event, IceConnectionState, Input, Rtc, RtcConfig};
 
 use super::h264;
 use crate::publisher::encoder::{EncoderSettings, VideoEncoder};
@@ -492,8 +492,11 @@ fn send_loop(
                             .nackable(true),
                     );
                     w.seq += 1;
-                    // Send each packet as it is written, like a paced encoder would.
-                    let _ = w.socket.drain(&mut w.rtc, &mut events)?;
+                    // str0m queues new media until its next timeout: fire it now so each
+                    // packet leaves as it is written (as from a live encoder).
+                    w.rtc.handle_input(Input::Timeout(Instant::now()))?;
+                    let t = w.socket.drain(&mut w.rtc, &mut events)?;
+                    deadline = deadline.min(t);
                 }
             }
             stats.frames.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,145 @@
+//! Smoke run of `edgerelay loadtest` on loopback: the real `edgerelay edge` binary, the
+//! built-in publisher (`edgerelay publish`, a separate process) and a swarm of 10
+//! RTP-mode viewers for 5 s. Asserts that every viewer joined and received packets in
+//! the measured phase and that the report carries the server figures. No timing
+//! assertion: this is a benchmark tool, the figures depend on the machine.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Kills a child process when the test ends, pass or fail.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_edge() -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+        .args([
+            "edge",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--media-listen",
+            "127.0.0.1:0",
+            "--public-ip",
+            "127.0.0.1",
+            "--publisher-token",
+            "smoke-pub",
+            "--viewer-token",
+            "smoke-view",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("edge binary starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining stdout so the edge never blocks on a full pipe.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("EDGERELAY_READY ") {
+                let http = rest
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("http="))
+                    .map(str::to_owned);
+                let _ = tx.send(http);
+            }
+        }
+    });
+    let edge = Proc(child);
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(http)) => (edge, http.trim_end_matches('/').to_owned()),
+        other => panic!("edge did not print EDGERELAY_READY http=...: {other:?}"),
+    }
+}
+
+#[test]
+fn loadtest_ten_viewers_all_receive() {
+    let (edge, http) = start_edge();
+    let edge_pid = edge.0.id();
+    let publisher = Proc(
+        Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+            .args([
+                "publish",
+                "--whip",
+                &format!("{http}/whip/smoke"),
+                "--token",
+                "smoke-pub",
+                "--width",
+                "320",
+                "--height",
+                "180",
+                "--bitrate-kbps",
+                "500",
+                "--keyframe-interval-ms",
+                "1000",
+                "--seconds",
+                "120",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("publisher starts"),
+    );
+    // Let the publisher connect and the edge cache a first keyframe.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+        .args([
+            "loadtest",
+            "--whep",
+            &format!("{http}/whep/smoke"),
+            "--token",
+            "smoke-view",
+            "--viewers",
+            "10",
+            "--join-rate",
+            "20",
+            "--seconds",
+            "5",
+            "--settle-seconds",
+            "1",
+            "--server-pid",
+            &edge_pid.to_string(),
+            "--json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("loadtest runs");
+    drop(publisher);
+    drop(edge);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadtest failed: {stdout}");
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
+    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+
+    assert_eq!(r["viewers"], 10);
+    assert_eq!(r["join_failures"], 0, "{r}");
+    assert_eq!(r["viewers_received_any"], 10, "{r}");
+    assert_eq!(r["viewers_receiving_steady"], 10, "{r}");
+    let per_viewer = &r["packets_per_viewer"];
+    assert_eq!(per_viewer["n"], 10);
+    assert!(
+        per_viewer["min"].as_f64().is_some_and(|m| m > 0.0),
+        "a viewer received nothing in the steady phase: {r}"
+    );
+    assert_eq!(r["join_ms_first_rtp"]["n"], 10, "{r}");
+    assert_eq!(r["join_ms_first_keyframe"]["n"], 10, "{r}");
+    // The server figures are present (values are machine-dependent).
+    assert!(r["server_cpu_seconds"].is_number(), "{r}");
+    assert!(r["us_per_pkt"].is_number(), "{r}");
+    assert!(
+        r["server_packets_out"].as_f64().is_some_and(|p| p > 0.0),
+        "{r}"
+    );
+    assert!(r["rss_kb_after"].as_u64().is_some_and(|k| k > 0), "{r}");
+}
