@@ -537,3 +537,40 @@ fn bandwidth_quota_drops_excess() {
     assert!(h.srv.stats().quota_rejections["bandwidth"] >= 7);
     let _ = relay;
 }
+
+#[test]
+fn message_integrity_sha256_is_answered_in_kind() {
+    let mut h = Harness::new(config());
+    // Get a nonce.
+    let r = h.request(method::ALLOCATE, |b| {
+        b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    let nonce = find_attr(&r, attr::NONCE).unwrap();
+    let key = long_term_key("alice", REALM, "wonderland", ALG_MD5);
+    let mut buf = Vec::new();
+    Builder::new(&mut buf, method::ALLOCATE, Class::Request, [42; 12])
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, b"alice")
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, &nonce)
+        .integrity(&key, true)
+        .fingerprint();
+    let Out::Client(resp) = h.send(&buf) else {
+        panic!("no response")
+    };
+    assert_eq!(error_code(&resp), None);
+    let m = Message::parse(&resp).unwrap();
+    assert!(m.integrity_sha256.is_some() && m.integrity.is_none());
+    assert_eq!(m.verify_integrity(&key), Some(true));
+    // Wrong key with SHA-256 integrity: 401.
+    let bad = long_term_key("alice", REALM, "nope", ALG_MD5);
+    Builder::new(&mut buf, method::REFRESH, Class::Request, [43; 12])
+        .attr(attr::USERNAME, b"alice")
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, &nonce)
+        .integrity(&bad, true);
+    let Out::Client(resp) = h.send(&buf) else {
+        panic!("no response")
+    };
+    assert_eq!(error_code(&resp), Some(401));
+}
