@@ -119,7 +119,7 @@ lon = 103.82
     spawn_ready(&["gateway"], &path, "GATEWAY_READY")
 }
 
-fn start_edge(gateway: &str, id: &str, region: &str, lat: f64, lon: f64) -> Proc {
+fn start_edge(gateway: &str, id: &str, region: &str, lat: f64, lon: f64, max_viewers: u32) -> Proc {
     let dir = temp_dir(id);
     let cfg = format!(
         r#"
@@ -138,7 +138,7 @@ url = "{gateway}"
 node_key = "{NODE_KEY}"
 lat = {lat}
 lon = {lon}
-max_viewers = 100
+max_viewers = {max_viewers}
 heartbeat_interval_ms = 500
 ice_urls = ["stun:127.0.0.1:3478"]
 "#
@@ -284,15 +284,17 @@ fn ws_url_of(edge: &str, id: &str, side: &str, token: &str) -> String {
 async fn gateway_routes_to_real_edges_and_edges_check_tokens() {
     let gw = start_gateway();
     let g = gw.base.clone();
-    let paris = start_edge(&g, "edge-paris", "eu-west", 48.85, 2.35);
-    let nyc = start_edge(&g, "edge-nyc", "us-east", 40.71, -74.0);
-    let sing = start_edge(&g, "edge-sing", "ap-southeast", 1.35, 103.82);
+    let paris = start_edge(&g, "edge-paris", "eu-west", 48.85, 2.35, 100);
+    // Full (takes no viewers), in the same region and place as Paris: never chosen.
+    let _full = start_edge(&g, "edge-full", "eu-west", 48.85, 2.35, 0);
+    let nyc = start_edge(&g, "edge-nyc", "us-east", 40.71, -74.0, 100);
+    let sing = start_edge(&g, "edge-sing", "ap-southeast", 1.35, 103.82, 100);
 
     // All three register (first beat is immediate).
     let t0 = Instant::now();
     loop {
         let s = status(&g).await;
-        if node_ids(&s) == ["edge-nyc", "edge-paris", "edge-sing"] {
+        if node_ids(&s) == ["edge-full", "edge-nyc", "edge-paris", "edge-sing"] {
             let n = s["nodes"].as_array().expect("nodes");
             let paris_rec = n.iter().find(|n| n["id"] == "edge-paris").expect("paris");
             assert_eq!(paris_rec["region"], "eu-west");
@@ -312,6 +314,10 @@ async fn gateway_routes_to_real_edges_and_edges_check_tokens() {
     let s_eu = create(&g, json!({"app": "game", "region": "eu-west"})).await;
     assert_eq!(s_eu["node"], "edge-paris", "{s_eu}");
     assert_eq!(s_eu["edge_url"], paris.base.as_str());
+    for _ in 0..3 {
+        let s = create(&g, json!({"app": "game", "region": "eu-west"})).await;
+        assert_eq!(s["node"], "edge-paris", "the full edge is skipped: {s}");
+    }
     let s_us = create(&g, json!({"app": "game", "region": "us-east"})).await;
     assert_eq!(s_us["node"], "edge-nyc", "{s_us}");
     let s_tokyo = create(
