@@ -80,6 +80,9 @@ pub struct MediaConfig {
     /// Addresses put in ICE candidates (the public IP behind a 1:1 NAT).
     /// Empty: the bound address (which must then not be unspecified).
     pub public_ips: Vec<IpAddr>,
+    /// Batched socket I/O (recvmmsg/sendmmsg). `false` is one system call per
+    /// datagram, kept as the baseline for benchmarks.
+    pub batch_io: bool,
 }
 
 impl Default for MediaConfig {
@@ -87,6 +90,7 @@ impl Default for MediaConfig {
         MediaConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             public_ips: Vec::new(),
+            batch_io: true,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
 use edgerelay_turn::{LocalPacket, TurnHandle};
 
+use super::batch_io;
 use super::turn::Waker;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -193,6 +194,7 @@ pub fn spawn(
     ms: MediaSocket,
     cfg: SfuConfig,
     turn: Option<TurnLink>,
+    batch_io: bool,
 ) -> anyhow::Result<MediaHandle> {
     let MediaSocket {
         socket,
@@ -222,6 +224,8 @@ pub fn spawn(
                 shared: thread_shared.clone(),
                 last_publish: Instant::now(),
                 last_prune: Instant::now(),
+                batch_io,
+                out: Vec::with_capacity(batch_io::BATCH * 4),
             };
             engine.run();
             thread_shared.alive.store(false, Ordering::Relaxed);
@@ -249,11 +253,16 @@ struct Engine {
     shared: Arc<Shared>,
     last_publish: Instant,
     last_prune: Instant,
+    /// Use recvmmsg/sendmmsg (the default) instead of one call per datagram.
+    batch_io: bool,
+    /// Transmits waiting for the next `sendmmsg`.
+    out: Vec<edgerelay_sfu::Transmit>,
 }
 
 impl Engine {
     fn run(&mut self) {
-        let mut buf = vec![0u8; 2048];
+        let mut buf = vec![0u8; batch_io::MAX_DATAGRAM];
+        let mut batch = batch_io::RecvBatch::default();
         loop {
             if self.shared.stop.load(Ordering::Relaxed) {
                 info!("media thread stopping");
@@ -272,25 +281,11 @@ impl Engine {
                 self.sfu.handle_timeout(now);
                 continue;
             }
-            let wait = (next - now).max(Duration::from_micros(200));
-            if let Err(e) = self.socket.set_read_timeout(Some(wait)) {
-                warn!("set_read_timeout: {e}");
-            }
-            match self.socket.recv_from(&mut buf) {
-                Ok((n, source)) => {
-                    if source == self.waker_addr {
-                        continue;
-                    }
-                    let dest = self.destination_for(source);
-                    self.sfu
-                        .handle_datagram(Instant::now(), source, dest, &buf[..n]);
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on Linux; not fatal.
-                    debug!("media recv error: {e}");
-                }
+            let wait = (next - now).max(Duration::from_micros(100));
+            if self.batch_io {
+                self.receive_batch(wait, &mut batch);
+            } else {
+                self.receive_one(wait, &mut buf);
             }
             let now = Instant::now();
             if self.sfu.poll_timeout().is_some_and(|t| t <= now) {
@@ -308,6 +303,52 @@ impl Engine {
         }
     }
 
+    /// Waits up to `wait`, then takes up to a batch of datagrams in one call.
+    fn receive_batch(&mut self, wait: Duration, batch: &mut batch_io::RecvBatch) {
+        match batch_io::wait_readable(&self.socket, wait) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!("media poll failed: {e}");
+                return;
+            }
+        }
+        match batch_io::recv_batch(&self.socket, batch) {
+            Ok(_) => {
+                let now = Instant::now();
+                for (source, data) in batch.iter() {
+                    if source == self.waker_addr {
+                        continue;
+                    }
+                    let dest = self.destination_for(source);
+                    self.sfu.handle_datagram(now, source, dest, data);
+                }
+            }
+            // ICMP errors from earlier sends surface here on Linux; not fatal.
+            Err(e) => debug!("media recv error: {e}"),
+        }
+    }
+
+    /// One datagram per system call (`media.batch_io = false`, the baseline).
+    fn receive_one(&mut self, wait: Duration, buf: &mut [u8]) {
+        if let Err(e) = self.socket.set_read_timeout(Some(wait)) {
+            warn!("set_read_timeout: {e}");
+        }
+        match self.socket.recv_from(buf) {
+            Ok((n, source)) => {
+                if source == self.waker_addr {
+                    return;
+                }
+                let dest = self.destination_for(source);
+                self.sfu
+                    .handle_datagram(Instant::now(), source, dest, &buf[..n]);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => debug!("media recv error: {e}"),
+        }
+    }
+
     /// The local address str0m should see: the advertised candidate of the
     /// source's family (the socket may be bound to a private or wildcard address).
     fn destination_for(&self, source: SocketAddr) -> SocketAddr {
@@ -316,6 +357,26 @@ impl Engine {
             .find(|c| c.is_ipv4() == source.is_ipv4())
             .copied()
             .unwrap_or(self.local_addr)
+    }
+
+    /// Sends the queued transmits with as few system calls as possible.
+    fn send_out(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let items: Vec<(SocketAddr, &[u8])> = self
+            .out
+            .iter()
+            .map(|t| (t.destination, &t.contents[..]))
+            .collect();
+        let failed = batch_io::send_batch(&self.socket, &items);
+        drop(items);
+        if failed > 0 {
+            self.shared
+                .send_errors
+                .fetch_add(failed as u64, Ordering::Relaxed);
+        }
+        self.out.clear();
     }
 
     /// Feeds packets relayed by the built-in TURN server to the SFU.
@@ -351,11 +412,17 @@ impl Engine {
                     continue;
                 }
             }
-            if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+            if self.batch_io {
+                self.out.push(t);
+                if self.out.len() >= batch_io::BATCH * 4 {
+                    self.send_out();
+                }
+            } else if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
                 self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(dest = %t.destination, "media send failed: {e}");
             }
         }
+        self.send_out();
         while let Some(ev) = self.sfu.poll_event() {
             match &ev {
                 SfuEvent::Connected { peer, room, role } => {

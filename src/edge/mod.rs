@@ -2,6 +2,7 @@
 //! metrics, and draining on SIGTERM.
 
 pub mod auth;
+pub mod batch_io;
 pub mod http;
 pub mod media;
 pub mod metrics;
@@ -172,7 +173,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
     } else {
         (None, None)
     };
-    let media = media::spawn(ms, sfu_cfg, link)?;
+    let media = media::spawn(ms, sfu_cfg, link, cfg.media.batch_io)?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
