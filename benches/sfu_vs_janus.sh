@@ -43,7 +43,7 @@ if [ -z "${EDGERELAY_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --release --bin edgerelay >&2)
   EDGERELAY_BIN="$ROOT/target/release/edgerelay"
 fi
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 TAG=$$
 NS=erb$TAG

@@ -473,6 +473,10 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             .ok(),
         None => None,
     };
+    let me = std::process::id();
+    let client_a = procstat::sample(me, ticks).ok();
+    let udp_client_a = procstat::udp_counters(me);
+    let udp_server_a = args.server_pid.and_then(procstat::udp_counters);
     shared.measuring.store(true, Ordering::Relaxed);
     let steady_start = Instant::now();
     let steady_end = steady_start + Duration::from_secs(args.seconds);
@@ -492,6 +496,9 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let steady_secs = steady_start.elapsed().as_secs_f64();
     let snap_b = snapshot(&counters);
     let cpu_b = server_sample(args.server_pid);
+    let client_b = procstat::sample(me, ticks).ok();
+    let udp_client_b = procstat::udp_counters(me);
+    let udp_server_b = args.server_pid.and_then(procstat::udp_counters);
     let out_b = match &metrics_url {
         Some(u) => procstat::scrape_counter(&client, u, "edgerelay_rtp_packets_out_total")
             .await
@@ -606,6 +613,19 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|c| c.first_rtp_us.load(Ordering::Relaxed) != NONE)
         .count();
+    let client_cpu_pct = match (client_a, client_b) {
+        (Some(a), Some(b)) => Some(100.0 * (b.cpu_seconds - a.cpu_seconds) / steady_secs.max(1e-9)),
+        _ => None,
+    };
+    let udp_delta =
+        |a: Option<procstat::UdpCounters>, b: Option<procstat::UdpCounters>| match (a, b) {
+            (Some(a), Some(b)) => json!({
+                "in_datagrams": b.in_datagrams.saturating_sub(a.in_datagrams),
+                "rcvbuf_errors": b.rcvbuf_errors.saturating_sub(a.rcvbuf_errors),
+                "sndbuf_errors": b.sndbuf_errors.saturating_sub(a.sndbuf_errors),
+            }),
+            _ => Value::Null,
+        };
     let opt = |v: Option<f64>| v.map_or(Value::Null, |x| json!(round3(x)));
     let report = json!({
         "server": label,
@@ -640,6 +660,9 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "rss_kb_before": rss_before.map(|s| s.rss_kb),
         "rss_kb_after": cpu_b.map(|s| s.rss_kb),
         "rss_kb_per_viewer": opt(rss_per_viewer),
+        "client_cpu_pct": client_cpu_pct.map(round3),
+        "client_netns_udp": udp_delta(udp_client_a, udp_client_b),
+        "server_netns_udp": udp_delta(udp_server_a, udp_server_b),
         "source_packets_sent": source_stats.map(|s| s.0),
         "source_keyframe_requests": source_stats.map(|s| s.1),
     });
@@ -731,6 +754,19 @@ fn print_table(r: &Value) {
         format!(
             "{} KiB ({} -> {} KiB)",
             r["rss_kb_per_viewer"], r["rss_kb_before"], r["rss_kb_after"]
+        ),
+    );
+    line(
+        &mut o,
+        "load generator CPU %",
+        format!("{}", r["client_cpu_pct"]),
+    );
+    line(
+        &mut o,
+        "UDP drops (rcvbuf) client / server ns",
+        format!(
+            "{} / {}",
+            r["client_netns_udp"]["rcvbuf_errors"], r["server_netns_udp"]["rcvbuf_errors"]
         ),
     );
     print!("{o}");

@@ -91,6 +91,43 @@ pub fn parse_counter(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// UDP counters of a network namespace (from /proc/PID/net/snmp).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpCounters {
+    /// Datagrams delivered to sockets.
+    pub in_datagrams: u64,
+    /// Datagrams dropped because a socket's receive buffer was full.
+    pub rcvbuf_errors: u64,
+    /// Datagrams dropped because a socket's send buffer was full.
+    pub sndbuf_errors: u64,
+}
+
+/// Parses the `Udp:` lines of /proc/net/snmp.
+pub fn parse_snmp_udp(text: &str) -> Option<UdpCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let vals: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .and_then(|i| vals.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(UdpCounters {
+        in_datagrams: get("InDatagrams"),
+        rcvbuf_errors: get("RcvbufErrors"),
+        sndbuf_errors: get("SndbufErrors"),
+    })
+}
+
+/// UDP counters of the network namespace `pid` lives in.
+pub fn udp_counters(pid: u32) -> Option<UdpCounters> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?;
+    parse_snmp_udp(&text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +153,17 @@ mod tests {
             Some(5.0)
         );
         assert_eq!(parse_counter(m, "nope"), None);
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 100 1 2 90 7 3\n";
+        assert_eq!(
+            parse_snmp_udp(snmp),
+            Some(UdpCounters {
+                in_datagrams: 100,
+                rcvbuf_errors: 7,
+                sndbuf_errors: 3
+            })
+        );
+        assert!(udp_counters(std::process::id()).is_some());
         let me = sample(std::process::id(), clock_ticks()).expect("own /proc");
         assert!(me.rss_kb > 0);
     }
