@@ -232,6 +232,8 @@ impl World {
             let t = MediaTime::from_90khz(u64::from(n) * 3000);
             w.write(pt, now, t, frame(n, key)).expect("write");
         }
+        // str0m releases new media on its next timeout.
+        let _ = c.rtc.handle_input(Input::Timeout(now));
         let mut out = Vec::new();
         while let Ok(o) = c.rtc.poll_output() {
             match o {
@@ -260,20 +262,17 @@ impl World {
         let t0 = Instant::now();
         for (s, d, data) in &dgrams {
             self.sfu.handle_datagram(now, *s, *d, data);
-            while let Some(t) = self.sfu.poll_transmit() {
-                if is_rtp(&t.contents) && t.destination != self.clients[0].addr {
-                    forwarded += 1;
-                    black_box(&t.contents);
-                } else {
-                    self.pending
-                        .push((t.source, t.destination, t.contents.to_vec()));
-                }
-            }
         }
         self.sfu.handle_timeout(now);
+        let publisher = self.clients[0].addr;
         while let Some(t) = self.sfu.poll_transmit() {
-            self.pending
-                .push((t.source, t.destination, t.contents.to_vec()));
+            if is_rtp(&t.contents) && t.destination != publisher {
+                forwarded += 1;
+                black_box(&t.contents);
+            } else {
+                self.pending
+                    .push((t.source, t.destination, t.contents.to_vec()));
+            }
         }
         let el = t0.elapsed();
         self.advance(FRAME);
