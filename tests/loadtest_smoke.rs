@@ -143,3 +143,55 @@ fn loadtest_ten_viewers_all_receive() {
     );
     assert!(r["rss_kb_after"].as_u64().is_some_and(|k| k > 0), "{r}");
 }
+
+#[test]
+fn loadtest_spawned_edge_with_bench_source_measures_delay() {
+    let cache = std::env::temp_dir().join(format!("loadtest_smoke_{}.loop", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+        .args([
+            "loadtest",
+            "--spawn-edge",
+            "--viewers",
+            "5",
+            "--seconds",
+            "3",
+            "--settle-seconds",
+            "1",
+            "--source-width",
+            "320",
+            "--source-height",
+            "180",
+            "--source-bitrate-kbps",
+            "500",
+            "--source-cache",
+            cache.to_str().expect("utf-8 temp path"),
+            "--json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("loadtest runs");
+    let _ = std::fs::remove_file(&cache);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadtest failed: {stdout}");
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
+    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    assert_eq!(r["viewers_receiving_steady"], 5, "{r}");
+    assert!(
+        r["packets_per_viewer"]["min"]
+            .as_f64()
+            .is_some_and(|m| m > 0.0),
+        "{r}"
+    );
+    // The source stamps every frame; every viewer reads the stamps.
+    assert!(
+        r["delay_ms"]["n"].as_u64().is_some_and(|n| n >= 5),
+        "no delay samples: {r}"
+    );
+    assert!(
+        r["source_packets_sent"].as_u64().is_some_and(|p| p > 0),
+        "{r}"
+    );
+}
