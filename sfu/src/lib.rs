@@ -40,7 +40,7 @@ pub use slab::Key as PeerId;
 pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 
-use peer::{Peer, TrackOut};
+use peer::{Peer, TrackOut, TxTuning};
 use room::{Room, VIDEO};
 use slab::{Key, Slab};
 
@@ -64,6 +64,14 @@ pub struct SfuConfig {
     pub bwe_pause_after: Duration,
     /// Label of the data channel that carries viewer input to the publisher.
     pub control_label: String,
+    /// Packets each viewer stream keeps for answering NACKs.
+    pub rtx_cache_packets: usize,
+    /// How old a packet may be and still be resent on NACK.
+    pub rtx_cache_age: Duration,
+    /// Pace video to viewers through str0m's pacer. Bandwidth estimation only
+    /// reacts to paced media, so this stays on whenever `bwe` is on; with `bwe`
+    /// off it has no effect.
+    pub pacing: bool,
 }
 
 impl Default for SfuConfig {
@@ -77,6 +85,9 @@ impl Default for SfuConfig {
             bwe_initial_bps: 5_000_000,
             bwe_pause_after: Duration::from_secs(1),
             control_label: "control".to_string(),
+            rtx_cache_packets: 512,
+            rtx_cache_age: Duration::from_millis(1500),
+            pacing: true,
         }
     }
 }
@@ -254,6 +265,14 @@ impl Sfu {
         Some((r.name.clone(), p.role))
     }
 
+    fn tuning(&self) -> TxTuning {
+        TxTuning {
+            rtx_packets: self.cfg.rtx_cache_packets,
+            rtx_age: self.cfg.rtx_cache_age,
+            paced: self.cfg.pacing,
+        }
+    }
+
     fn rtc_config(&self, viewer: bool) -> RtcConfig {
         let mut c = Rtc::builder()
             .set_rtp_mode(true)
@@ -358,9 +377,10 @@ impl Sfu {
             ));
         }
         let sdp = answer.to_sdp_string();
+        let tuning = self.tuning();
         let key = self.insert_peer(now, rtc, rk, role);
         if let Some(p) = self.peers.get_mut(key) {
-            p.tracks = sending_tracks(&sdp, p.seq_start);
+            p.tracks = sending_tracks(&sdp, p.seq_start, tuning);
         }
         self.attach_viewer(rk, key, role);
         self.mark_dirty(key);
@@ -394,10 +414,11 @@ impl Sfu {
             return Err(SfuError::BadSdp("nothing to offer".into()));
         };
         let sdp = offer.to_sdp_string();
+        let tuning = self.tuning();
         let key = self.insert_peer(now, rtc, rk, role);
         if let Some(p) = self.peers.get_mut(key) {
             p.pending_offer = Some(pending);
-            p.tracks = sending_tracks(&sdp, p.seq_start);
+            p.tracks = sending_tracks(&sdp, p.seq_start, tuning);
         }
         self.attach_viewer(rk, key, role);
         Ok(Joined {
@@ -713,11 +734,12 @@ impl Sfu {
                 }
             }
             Event::MediaAdded(m) => {
+                let tuning = self.tuning();
                 if let Some(p) = self.peers.get_mut(key) {
                     let sends = matches!(m.direction, Direction::SendOnly | Direction::SendRecv);
                     let slot = &mut p.tracks[Room::track_index(m.kind)];
                     if p.role.is_viewer() && sends && slot.is_none() {
-                        *slot = Some(TrackOut::new(m.mid, p.seq_start));
+                        *slot = Some(TrackOut::new(m.mid, p.seq_start, tuning));
                     }
                 }
             }
@@ -1149,13 +1171,13 @@ impl Sfu {
 }
 
 /// Media sections of our own SDP in which we send: (mid, kind), first of each kind.
-fn sending_tracks(sdp: &str, seq_start: u64) -> [Option<TrackOut>; 2] {
+fn sending_tracks(sdp: &str, seq_start: u64, tuning: TxTuning) -> [Option<TrackOut>; 2] {
     let mut out: [Option<TrackOut>; 2] = [None, None];
     let mut flush = |kind: Option<MediaKind>, mid: Option<&str>, sends: bool| {
         if let (Some(kind), Some(mid), true) = (kind, mid, sends) {
             let slot = &mut out[Room::track_index(kind)];
             if slot.is_none() {
-                *slot = Some(TrackOut::new(Mid::from(mid), seq_start));
+                *slot = Some(TrackOut::new(Mid::from(mid), seq_start, tuning));
             }
         }
     };
@@ -1296,6 +1318,12 @@ fn forward(
         stats.dropped_unknown_stream += 1;
         return false;
     };
+    if let Some(tuning) = t.tuning.take() {
+        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(0.15));
+        if track == VIDEO {
+            tx.set_unpaced(!tuning.paced);
+        }
+    }
     let seq = t.out_seq(cp.seq);
     tx.write_rtp(
         RtpWrite::new(vpt, seq.into(), ts, wallclock, cp.payload.clone())

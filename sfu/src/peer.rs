@@ -38,6 +38,18 @@ impl Role {
     }
 }
 
+/// Send-stream settings applied on the first packet (str0m creates the stream
+/// during negotiation, so they cannot be set earlier).
+#[derive(Debug, Clone, Copy)]
+pub struct TxTuning {
+    /// NACK cache size, packets.
+    pub rtx_packets: usize,
+    /// NACK cache age.
+    pub rtx_age: std::time::Duration,
+    /// Video goes through str0m's pacer.
+    pub paced: bool,
+}
+
 /// A viewer's outgoing track: where the room's packets go and how they are renumbered.
 #[derive(Debug)]
 pub struct TrackOut {
@@ -57,11 +69,13 @@ pub struct TrackOut {
     pub pt_map: Vec<(Pt, Option<Pt>)>,
     /// Room epoch the map was built for.
     pub pt_epoch: u32,
+    /// Settings still to apply to the send stream.
+    pub tuning: Option<TxTuning>,
 }
 
 impl TrackOut {
     /// A track that starts at a keyframe; `seq_start` keeps ROC at zero.
-    pub fn new(mid: Mid, seq_start: u64) -> Self {
+    pub fn new(mid: Mid, seq_start: u64, tuning: TxTuning) -> Self {
         TrackOut {
             mid,
             layer: 0,
@@ -71,6 +85,7 @@ impl TrackOut {
             next_seq: seq_start,
             pt_map: Vec::new(),
             pt_epoch: u32::MAX,
+            tuning: Some(tuning),
         }
     }
 
