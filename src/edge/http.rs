@@ -285,32 +285,7 @@ async fn whip_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_room(&room)?;
-    authorize(&state, &headers, &room, Endpoint::Whip)?;
-    not_draining(&state)?;
-    let offer = sdp_body(&headers, body, state.metrics.max_body)?;
-    let r = room.clone();
-    let res = state
-        .media
-        .call(|reply| MediaCmd::Publish {
-            room: r,
-            offer,
-            reply,
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    match res {
-        Ok(j) => {
-            info!(%room, peer = j.peer.as_u64(), "WHIP publish accepted");
-            state.sessions.add(&room, j.peer, None);
-            Ok(created(&state, "whip", &room, j))
-        }
-        Err(e) => {
-            warn!(%room, "WHIP publish refused: {e}");
-            state.metrics.signalling_error("whip", &e);
-            Err(e.into())
-        }
-    }
+    offer_post(&state, room, &headers, body, Endpoint::Whip).await
 }
 
 async fn whep_post(
@@ -319,30 +294,52 @@ async fn whep_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    offer_post(&state, room, &headers, body, Endpoint::Whep).await
+}
+
+/// The shared WHIP/WHEP flow: checks, offer to the media thread, 201 or the error.
+async fn offer_post(
+    state: &Arc<AppState>,
+    room: String,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    ep: Endpoint,
+) -> Result<Response, ApiError> {
     check_room(&room)?;
-    let grant = authorize(&state, &headers, &room, Endpoint::Whep)?;
-    not_draining(&state)?;
-    let offer = sdp_body(&headers, body, state.metrics.max_body)?;
+    let grant = authorize(state, headers, &room, ep)?;
+    not_draining(state)?;
+    let offer = sdp_body(headers, body, state.metrics.max_body)?;
     let r = room.clone();
     let res = state
         .media
-        .call(|reply| MediaCmd::View {
-            room: r,
-            offer,
-            role: grant.viewer_role(),
-            reply,
+        .call(|reply| match ep {
+            Endpoint::Whip => MediaCmd::Publish {
+                room: r,
+                offer,
+                reply,
+            },
+            Endpoint::Whep => MediaCmd::View {
+                room: r,
+                offer,
+                role: grant.viewer_role(),
+                reply,
+            },
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let kind = match ep {
+        Endpoint::Whip => "whip",
+        Endpoint::Whep => "whep",
+    };
     match res {
         Ok(j) => {
-            info!(%room, peer = j.peer.as_u64(), role = j.role.as_str(), "WHEP view accepted");
+            info!(%room, peer = j.peer.as_u64(), role = j.role.as_str(), "{kind} session accepted");
             state.sessions.add(&room, j.peer, None);
-            Ok(created(&state, "whep", &room, j))
+            Ok(created(state, kind, &room, j))
         }
         Err(e) => {
-            warn!(%room, "WHEP view refused: {e}");
-            state.metrics.signalling_error("whep", &e);
+            warn!(%room, "{kind} offer refused: {e}");
+            state.metrics.signalling_error(kind, &e);
             Err(e.into())
         }
     }

@@ -163,7 +163,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         ..sfu_cfg
     };
     let (turn, link) = if cfg.turn.enabled {
-        let (handoff, rx) = turn::Handoff::new(candidates.clone(), ms.waker.clone());
+        let (handoff, rx) = turn::handoff(candidates.clone(), ms.waker.clone());
         let t = Arc::new(turn::EdgeTurn::start(&cfg.turn, &candidates, handoff)?);
         let link = media::TurnLink {
             handle: t.handle.clone(),

@@ -1,16 +1,16 @@
 //! The edge's built-in TURN server and its in-process hand-off to the media thread.
 //!
 //! Packets a TURN client relays to the SFU's own address never touch a socket:
-//! the TURN thread calls [`Handoff::deliver`], which queues them for the media
+//! the TURN thread queues them on a [`ChannelPeer`] for the media
 //! thread (waking it only when it is not already awake); the media thread sends
 //! its replies to relayed addresses back through [`TurnHandle::send_from_local`].
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use edgerelay_turn::{LocalPacket, LocalPeer, TurnConfig, TurnHandle, TurnServer};
+use edgerelay_turn::{ChannelPeer, LocalPacket, TurnConfig, TurnHandle, TurnServer};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -95,48 +95,13 @@ impl Waker {
     }
 }
 
-/// The SFU side of the hand-off, given to the TURN server.
-pub struct Handoff {
+/// The SFU side of the hand-off, given to the TURN server: the turn crate's
+/// channel peer, waking the media thread when a packet is queued.
+pub fn handoff(
     addrs: Vec<SocketAddr>,
-    tx: SyncSender<LocalPacket>,
     waker: Arc<Waker>,
-    /// Packets dropped because the media thread was behind.
-    pub dropped: AtomicU64,
-}
-
-impl Handoff {
-    /// A hand-off for the SFU at `addrs`; the receiver goes to the media thread.
-    pub fn new(addrs: Vec<SocketAddr>, waker: Arc<Waker>) -> (Arc<Handoff>, Receiver<LocalPacket>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(HANDOFF_CAPACITY);
-        (
-            Arc::new(Handoff {
-                addrs,
-                tx,
-                waker,
-                dropped: AtomicU64::new(0),
-            }),
-            rx,
-        )
-    }
-}
-
-impl LocalPeer for Handoff {
-    fn is_local(&self, addr: SocketAddr) -> bool {
-        self.addrs.contains(&addr)
-    }
-
-    fn deliver(&self, relay: SocketAddr, sfu: SocketAddr, data: &[u8]) {
-        let p = LocalPacket {
-            relay,
-            sfu,
-            data: data.to_vec(),
-        };
-        if self.tx.try_send(p).is_ok() {
-            self.waker.wake();
-        } else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+) -> (Arc<ChannelPeer>, Receiver<LocalPacket>) {
+    ChannelPeer::with_wake(addrs, HANDOFF_CAPACITY, Box::new(move || waker.wake()))
 }
 
 /// The running TURN server plus what signalling needs to advertise it.
@@ -154,7 +119,7 @@ impl EdgeTurn {
     pub fn start(
         section: &TurnSection,
         sfu_addrs: &[SocketAddr],
-        handoff: Arc<Handoff>,
+        handoff: Arc<ChannelPeer>,
     ) -> anyhow::Result<EdgeTurn> {
         let mut cfg = section.server.clone();
         if cfg.rest_secrets.is_empty() {

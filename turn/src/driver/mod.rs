@@ -48,6 +48,7 @@ pub struct ChannelPeer {
     addrs: Vec<SocketAddr>,
     tx: SyncSender<LocalPacket>,
     dropped: std::sync::atomic::AtomicU64,
+    wake: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl ChannelPeer {
@@ -57,12 +58,31 @@ impl ChannelPeer {
         addrs: Vec<SocketAddr>,
         capacity: usize,
     ) -> (Arc<ChannelPeer>, Receiver<LocalPacket>) {
+        Self::build(addrs, capacity, None)
+    }
+
+    /// Like [`ChannelPeer::new`], calling `wake` after each queued packet so a
+    /// receiver blocked elsewhere (the SFU's socket wait) notices it.
+    pub fn with_wake(
+        addrs: Vec<SocketAddr>,
+        capacity: usize,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> (Arc<ChannelPeer>, Receiver<LocalPacket>) {
+        Self::build(addrs, capacity, Some(wake))
+    }
+
+    fn build(
+        addrs: Vec<SocketAddr>,
+        capacity: usize,
+        wake: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> (Arc<ChannelPeer>, Receiver<LocalPacket>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
         (
             Arc::new(ChannelPeer {
                 addrs,
                 tx,
                 dropped: Default::default(),
+                wake,
             }),
             rx,
         )
@@ -86,6 +106,8 @@ impl LocalPeer for ChannelPeer {
         };
         if self.tx.try_send(p).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(wake) = &self.wake {
+            wake();
         }
     }
 }
