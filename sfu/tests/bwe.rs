@@ -24,7 +24,7 @@ fn thin_viewer_is_paused_and_resumed_without_touching_others() {
     let mut frame = 0u32;
     let run = |w: &mut World, frame: &mut u32, secs: u32| {
         for _ in 0..secs * 30 {
-            w.send_sized(p, *frame, (*frame).is_multiple_of(30), 8_000);
+            w.write_frame(p, None, *frame, (*frame).is_multiple_of(30), 8_000);
             w.advance(Duration::from_millis(33));
             *frame += 1;
         }

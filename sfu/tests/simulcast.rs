@@ -24,8 +24,8 @@ fn each_viewer_gets_the_layer_that_fits() {
     let run = |w: &mut World, frame: &mut u32, secs: u32| {
         for _ in 0..secs * 30 {
             let key = (*frame).is_multiple_of(30);
-            w.send_layer(p, "h", *frame, key, 8_000);
-            w.send_layer(p, "l", *frame, key, 1_200);
+            w.write_frame(p, Some("h"), *frame, key, 8_000);
+            w.write_frame(p, Some("l"), *frame, key, 1_200);
             w.advance(Duration::from_millis(33));
             *frame += 1;
         }

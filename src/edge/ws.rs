@@ -241,7 +241,14 @@ impl Conn {
                 None => self.socket.recv().await,
             };
             let text = match next {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Recv::Closed,
+                None | Some(Err(_)) => return Recv::Closed,
+                Some(Ok(Message::Close(_))) => {
+                    // Complete the closing handshake: the reply close frame is queued
+                    // by the WebSocket layer and only leaves on a flush.
+                    let flush = futures_util::SinkExt::flush(&mut self.socket);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+                    return Recv::Closed;
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Binary(_))) => {
                     return Recv::Fail(

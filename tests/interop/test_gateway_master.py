@@ -274,11 +274,6 @@ async def _phases(d: Driver, gw, edge, sid: str) -> None:
         "edge did not close the session's 2 viewers on the gateway's terminate_sessions"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="edge bug: src/edge/ws.rs returns on a client's Close frame without flushing the "
-           "Close reply tungstenite queued (it is sent only on the next read), so the socket "
-           "drops and the client sees 1006 instead of its 1000 echoed (RFC 6455 5.5.1)")
 def test_websocket_close_handshake_is_echoed(request, tmp_path):
     """A client that closes its socket with 1000 gets the edge's Close frame back, on both
     sides: the instance (``/sockets/master`` after ``resp:discover``) and a viewer

@@ -122,62 +122,70 @@ impl World {
         }
     }
 
-    /// Adds a publisher (WHIP-style offer); returns its client index.
-    pub fn publish(&mut self, room: &str) -> usize {
+    /// Offers `dir` video (with `sim` layers), audio unless simulcast, and a
+    /// `control` channel; publishers go through WHIP-style `publish`, viewers
+    /// through WHEP-style `view`. Returns the client index.
+    fn join(&mut self, room: &str, dir: Direction, sim: Option<Simulcast>) -> usize {
         let mut c = self.new_client();
+        let simulcast = sim.is_some();
         let mut api = c.rtc.sdp_api();
-        let v = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
-        let a = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let v = api.add_media(MediaKind::Video, dir, None, None, sim);
+        let a = (!simulcast).then(|| api.add_media(MediaKind::Audio, dir, None, None, None));
         let ch = api.add_channel("control".into());
         let (offer, pending) = api.apply().expect("offer");
-        let j = self
-            .sfu
-            .publish(self.now, room, &offer.to_sdp_string())
-            .expect("publish accepted");
+        let sdp = offer.to_sdp_string();
+        let j = if dir == Direction::SendOnly {
+            self.sfu
+                .publish(self.now, room, &sdp)
+                .expect("publish accepted")
+        } else {
+            self.sfu
+                .view(self.now, room, &sdp, RoleRequest::Auto)
+                .expect("view accepted")
+        };
         let answer = SdpAnswer::from_sdp_string(&j.sdp).expect("answer parses");
         c.rtc
             .sdp_api()
             .accept_answer(pending, answer)
             .expect("answer");
         c.video_mid = Some(v);
-        c.audio_mid = Some(a);
+        c.audio_mid = a;
         c.control = Some(ch);
         c.peer = Some(j.peer);
         c.role = Some(j.role);
         self.clients.push(c);
         self.clients.len() - 1
+    }
+
+    /// Adds a publisher (WHIP-style offer); returns its client index.
+    pub fn publish(&mut self, room: &str) -> usize {
+        self.join(room, Direction::SendOnly, None)
     }
 
     /// Adds a publisher sending simulcast video with the given rids.
     pub fn publish_simulcast(&mut self, room: &str, rids: &[&str]) -> usize {
-        let mut c = self.new_client();
         let mut sim = Simulcast::new();
         for r in rids {
             sim.add_send_layer(SimulcastLayer::new(r));
         }
-        let mut api = c.rtc.sdp_api();
-        let v = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, Some(sim));
-        let ch = api.add_channel("control".into());
-        let (offer, pending) = api.apply().expect("offer");
-        let j = self
-            .sfu
-            .publish(self.now, room, &offer.to_sdp_string())
-            .expect("publish accepted");
-        let answer = SdpAnswer::from_sdp_string(&j.sdp).expect("answer parses");
-        c.rtc
-            .sdp_api()
-            .accept_answer(pending, answer)
-            .expect("answer");
-        c.video_mid = Some(v);
-        c.control = Some(ch);
-        c.peer = Some(j.peer);
-        c.role = Some(j.role);
-        self.clients.push(c);
-        self.clients.len() - 1
+        self.join(room, Direction::SendOnly, Some(sim))
     }
 
-    /// Writes one frame of `size` bytes on a simulcast layer.
-    pub fn send_layer(&mut self, idx: usize, rid: &str, frame_no: u32, key: bool, size: usize) {
+    /// Adds a viewer (WHEP-style offer); returns its client index.
+    pub fn view(&mut self, room: &str) -> usize {
+        self.join(room, Direction::RecvOnly, None)
+    }
+
+    /// Writes one H.264 frame (at least `size` bytes) on a publisher, on a
+    /// simulcast layer if `rid` is given.
+    pub fn write_frame(
+        &mut self,
+        idx: usize,
+        rid: Option<&str>,
+        frame_no: u32,
+        key: bool,
+        size: usize,
+    ) {
         let c = &mut self.clients[idx];
         let mid = c.video_mid.expect("video mid");
         let now = self.now;
@@ -196,54 +204,10 @@ impl World {
         };
         data.resize(size.max(data.len()), (frame_no % 251) as u8 | 1);
         let t = MediaTime::from_90khz(frame_no as u64 * 3000);
-        w.rid(rid.into()).write(pt, now, t, data).expect("write");
-    }
-
-    /// Adds a viewer (WHEP-style offer); returns its client index.
-    pub fn view(&mut self, room: &str) -> usize {
-        let mut c = self.new_client();
-        let mut api = c.rtc.sdp_api();
-        let v = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
-        let a = api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-        let ch = api.add_channel("control".into());
-        let (offer, pending) = api.apply().expect("offer");
-        let j: Joined = self
-            .sfu
-            .view(self.now, room, &offer.to_sdp_string(), RoleRequest::Auto)
-            .expect("view accepted");
-        let answer = SdpAnswer::from_sdp_string(&j.sdp).expect("answer parses");
-        c.rtc
-            .sdp_api()
-            .accept_answer(pending, answer)
-            .expect("answer");
-        c.video_mid = Some(v);
-        c.audio_mid = Some(a);
-        c.control = Some(ch);
-        c.peer = Some(j.peer);
-        c.role = Some(j.role);
-        self.clients.push(c);
-        self.clients.len() - 1
-    }
-
-    /// Writes one encoded video frame on a publisher.
-    pub fn send_video(&mut self, idx: usize, frame_no: u32, key: bool) {
-        let c = &mut self.clients[idx];
-        let mid = c.video_mid.expect("video mid");
-        let now = self.now;
-        let Some(w) = c.rtc.writer(mid) else { return };
-        let Some(pt) = w
-            .payload_params()
-            .find(|p| p.spec().codec == Codec::H264)
-            .map(|p| p.pt())
-        else {
-            return;
+        let w = match rid {
+            Some(r) => w.rid(r.into()),
+            None => w,
         };
-        let data = if key {
-            sps_pps_idr(frame_no)
-        } else {
-            p_frame(frame_no)
-        };
-        let t = MediaTime::from_90khz(frame_no as u64 * 3000);
         w.write(pt, now, t, data).expect("write");
     }
 
@@ -310,29 +274,6 @@ impl World {
         if let Some(bps) = bps {
             self.limits.push((client, bps, 0.0, self.now));
         }
-    }
-
-    /// Writes a frame of `size` bytes (keyframe or not).
-    pub fn send_sized(&mut self, idx: usize, frame_no: u32, key: bool, size: usize) {
-        let c = &mut self.clients[idx];
-        let mid = c.video_mid.expect("video mid");
-        let now = self.now;
-        let Some(w) = c.rtc.writer(mid) else { return };
-        let Some(pt) = w
-            .payload_params()
-            .find(|p| p.spec().codec == Codec::H264)
-            .map(|p| p.pt())
-        else {
-            return;
-        };
-        let mut data = if key {
-            sps_pps_idr(frame_no)
-        } else {
-            p_frame(frame_no)
-        };
-        data.resize(size.max(data.len()), (frame_no % 251) as u8 | 1);
-        let t = MediaTime::from_90khz(frame_no as u64 * 3000);
-        w.write(pt, now, t, data).expect("write");
     }
 
     /// Drains a client's output into the SFU; true if it sent anything.
@@ -441,7 +382,7 @@ impl World {
     /// Sends `n` frames of 30 fps video from `publisher`, keyframe every `gop`.
     pub fn stream(&mut self, publisher: usize, first: u32, n: u32, gop: u32) {
         for f in first..first + n {
-            self.send_video(publisher, f, f % gop == 0);
+            self.write_frame(publisher, None, f, f % gop == 0, 0);
             self.advance(Duration::from_millis(33));
         }
     }
