@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::{Bitrate, BweKind};
-use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelData;
 use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
@@ -376,20 +376,10 @@ impl Sfu {
                 "the offer has no audio or video to receive (recvonly/sendrecv)".into(),
             ));
         }
-        let sdp = answer.to_sdp_string();
-        let tuning = self.tuning();
-        let key = self.insert_peer(now, rtc, rk, role);
-        if let Some(p) = self.peers.get_mut(key) {
-            p.tracks = sending_tracks(&sdp, p.seq_start, tuning);
-        }
-        self.attach_viewer(rk, key, role);
-        self.mark_dirty(key);
+        let joined = self.add_viewer(now, rtc, rk, role, answer.to_sdp_string(), None);
+        self.mark_dirty(joined.peer);
         self.run_dirty(now);
-        Ok(Joined {
-            peer: key,
-            role,
-            sdp,
-        })
+        Ok(joined)
     }
 
     /// Creates a viewer for which the edge makes the offer (the WebSocket flow):
@@ -413,19 +403,31 @@ impl Sfu {
         let Some((offer, pending)) = change.apply() else {
             return Err(SfuError::BadSdp("nothing to offer".into()));
         };
-        let sdp = offer.to_sdp_string();
+        Ok(self.add_viewer(now, rtc, rk, role, offer.to_sdp_string(), Some(pending)))
+    }
+
+    /// Registers a negotiated (or offered) viewer: its tracks from our own SDP, its room seat.
+    fn add_viewer(
+        &mut self,
+        now: Instant,
+        rtc: Rtc,
+        rk: Key,
+        role: Role,
+        sdp: String,
+        pending: Option<SdpPendingOffer>,
+    ) -> Joined {
         let tuning = self.tuning();
         let key = self.insert_peer(now, rtc, rk, role);
         if let Some(p) = self.peers.get_mut(key) {
-            p.pending_offer = Some(pending);
+            p.pending_offer = pending;
             p.tracks = sending_tracks(&sdp, p.seq_start, tuning);
         }
         self.attach_viewer(rk, key, role);
-        Ok(Joined {
+        Joined {
             peer: key,
             role,
             sdp,
-        })
+        }
     }
 
     /// Applies the remote answer to an offer from [`Sfu::view_offer`].

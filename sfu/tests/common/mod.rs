@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig};
+use edgerelay_sfu::{PeerId, RoleRequest, Sfu, SfuConfig};
 use str0m::change::SdpAnswer;
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
