@@ -204,7 +204,7 @@ async fn register_three(gw: &Gateway) {
 
 #[tokio::test]
 async fn routing_region_nearest_load_capacity() {
-    let gw = start("");
+    let gw = start("instance_grace_secs = 0");
     register_three(&gw).await;
     let st = gw.status().await;
     assert_eq!(st["nodes"].as_array().expect("nodes").len(), 3);
@@ -320,7 +320,7 @@ async fn routing_region_nearest_load_capacity() {
 #[tokio::test]
 async fn node_loss_marks_sessions_error_within_6s() {
     // Default timeout (6 s): 3 missed beats of 2 s.
-    let gw = start("");
+    let gw = start("instance_grace_secs = 0");
     register_three(&gw).await;
     let (_, v) = gw.create(json!({"app": "g", "region": "us-east"})).await;
     let lost = v["metadata"]["id"].as_str().expect("id").to_owned();
@@ -385,7 +385,7 @@ async fn node_loss_marks_sessions_error_within_6s() {
 
 #[tokio::test]
 async fn lifecycle_join_delete_list() {
-    let gw = start("");
+    let gw = start("instance_grace_secs = 0");
     let mut rec = node("paris", "eu-west", 48.85, 2.35, 0, 100);
     gw.register(&rec).await;
     let (_, v) = gw.create(json!({"app": "g", "joinable": false})).await;
@@ -506,7 +506,7 @@ async fn lifecycle_join_delete_list() {
 
 #[tokio::test]
 async fn bad_input_gets_error_envelopes() {
-    let gw = start("");
+    let gw = start("instance_grace_secs = 0");
     register_three(&gw).await;
     let url = format!("{}/1.0/sessions", gw.base);
     let send =

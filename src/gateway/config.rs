@@ -80,6 +80,11 @@ pub struct GatewayConfig {
     /// Default idle timeout: a session with no viewer for this long is terminated, seconds.
     #[serde(default = "default_idle")]
     pub session_idle_timeout_secs: u64,
+    /// How long an active session survives without its instance before it is
+    /// terminated, seconds: an instance that reconnects within it (network blip,
+    /// encoder restart) keeps its viewers.
+    #[serde(default = "default_instance_grace")]
+    pub instance_grace_secs: u64,
     /// How long terminated/errored non-ephemeral sessions stay listed, seconds.
     #[serde(default = "default_retention")]
     pub session_retention_secs: u64,
@@ -109,6 +114,9 @@ fn default_heartbeat_interval() -> u64 {
 fn default_heartbeat_timeout() -> u64 {
     6000
 }
+fn default_instance_grace() -> u64 {
+    15
+}
 fn default_idle() -> u64 {
     300
 }
@@ -136,6 +144,7 @@ impl Default for GatewayConfig {
             heartbeat_interval_ms: default_heartbeat_interval(),
             heartbeat_timeout_ms: default_heartbeat_timeout(),
             session_idle_timeout_secs: default_idle(),
+            instance_grace_secs: default_instance_grace(),
             session_retention_secs: default_retention(),
             max_sessions: default_max_sessions(),
             max_body_bytes: default_max_body(),

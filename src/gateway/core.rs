@@ -222,6 +222,9 @@ pub struct Session {
     pub updated_at: u64,
     #[serde(skip)]
     last_activity_ms: u64,
+    /// Since when an active session's instance has been missing.
+    #[serde(skip)]
+    instance_lost_ms: Option<u64>,
 }
 
 /// ICE server entry handed to clients (`stun_servers`).
@@ -387,9 +390,17 @@ impl Core {
         }
     }
 
+    /// True once the instance has been missing for longer than `grace_ms`
+    /// (starting the clock the first time it is seen missing).
+    fn instance_gone_for(s: &mut Session, now_ms: u64, grace_ms: u64) -> bool {
+        let since = *s.instance_lost_ms.get_or_insert(now_ms);
+        now_ms.saturating_sub(since) >= grace_ms
+    }
+
     /// Handles a registration/heartbeat: stores the record and updates the sessions it reports.
     pub fn register(&mut self, rec: NodeRecord, now_ms: u64) -> Result<RegisterReply, ApiError> {
         validate_record(&rec)?;
+        let grace_ms = self.cfg.instance_grace_secs.saturating_mul(1000);
         let mut terminate = Vec::new();
         let reported: std::collections::HashMap<&str, &super::proto::SessionReport> =
             rec.sessions.iter().map(|s| (s.id.as_str(), s)).collect();
@@ -405,10 +416,16 @@ impl Core {
                     if rep.viewers > 0 {
                         s.last_activity_ms = now_ms;
                     }
+                    if rep.publisher {
+                        s.instance_lost_ms = None;
+                    }
                     if rep.publisher && s.status == SessionStatus::Created {
                         Self::set_status(s, SessionStatus::Active, "", now_ms);
                         s.last_activity_ms = now_ms;
-                    } else if !rep.publisher && s.status == SessionStatus::Active {
+                    } else if !rep.publisher
+                        && s.status == SessionStatus::Active
+                        && Self::instance_gone_for(s, now_ms, grace_ms)
+                    {
                         Self::set_status(s, SessionStatus::Terminated, "instance gone", now_ms);
                         terminate.push((*id).to_owned());
                     }
@@ -422,6 +439,7 @@ impl Core {
             if s.node == rec.id
                 && s.status == SessionStatus::Active
                 && !reported.contains_key(s.id.as_str())
+                && Self::instance_gone_for(s, now_ms, grace_ms)
             {
                 Self::set_status(s, SessionStatus::Terminated, "instance gone", now_ms);
                 s.publisher_connected = false;
@@ -666,6 +684,7 @@ impl Core {
             created_at: now_ms / 1000,
             updated_at: now_ms / 1000,
             last_activity_ms: now_ms,
+            instance_lost_ms: None,
         };
         tracing::info!(session = %id, node = %session.node, region = %session.region, owner, "session created");
         let node = node.clone();
@@ -1176,13 +1195,21 @@ mod tests {
         );
 
         r.sessions.clear();
-        let reply = core.register(r, 2000).expect("ok");
+        // Within the grace period the session waits for its instance to come back...
+        core.register(r.clone(), 2000).expect("ok");
+        assert_eq!(
+            core.session(&s.id).expect("s").status,
+            SessionStatus::Active
+        );
+        // ...and ends once the instance has been gone longer than that.
+        let grace = cfg().instance_grace_secs * 1000;
+        let reply = core.register(r, 2000 + grace).expect("ok");
         assert!(reply.terminate_sessions.is_empty());
         let st = core.session(&s.id).expect("s");
         assert_eq!(st.status, SessionStatus::Terminated);
         assert_eq!(st.status_message, "instance gone");
         assert_eq!(
-            core.join("ops", false, &s.id, 2000)
+            core.join("ops", false, &s.id, 2000 + grace)
                 .expect_err("ended")
                 .code,
             409

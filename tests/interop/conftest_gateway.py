@@ -95,6 +95,7 @@ node_keys = ["{NODE_KEY}"]
 token_keys = ["{TOKEN_KEY}"]
 turn_secrets = ["{TURN_SECRET}"]
 heartbeat_interval_ms = 500
+instance_grace_secs = 1
 [[accounts]]
 name = "interop"
 token = "{API_TOKEN}"
