@@ -150,6 +150,17 @@ impl DemoGateway {
     /// Creates a session once the edge has registered (retries for up to 15 s).
     async fn create_session(&self, app: &str) -> anyhow::Result<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        // The edge registers in the background: wait until the gateway lists it.
+        while tokio::time::Instant::now() < deadline {
+            let (code, v) = self.call(reqwest::Method::GET, "/1.0/status", None).await?;
+            let listed = v["metadata"]["nodes"]
+                .as_array()
+                .is_some_and(|n| !n.is_empty());
+            if code == 200 && listed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         loop {
             let (code, v) = self
                 .call(
