@@ -105,6 +105,12 @@ pub struct Shared {
     pub viewers: AtomicU64,
     /// Datagrams the socket failed to send.
     pub send_errors: AtomicU64,
+    /// Iterations of the media loop (wake-ups), for tuning timer slack and batching.
+    pub loop_iterations: AtomicU64,
+    /// Datagrams received per `recvmmsg` call, summed (divide by receive calls).
+    pub datagrams_received: AtomicU64,
+    /// `recvmmsg` calls that returned data.
+    pub receive_calls: AtomicU64,
     /// Datagrams received from TURN clients through the in-process hand-off.
     pub relayed_in: AtomicU64,
     /// Datagrams sent to TURN clients through the in-process hand-off.
@@ -350,6 +356,7 @@ impl Engine {
                 info!("media thread stopping");
                 return;
             }
+            self.shared.loop_iterations.fetch_add(1, Ordering::Relaxed);
             self.commands();
             self.handoff_in();
             self.flush();
@@ -398,7 +405,13 @@ impl Engine {
             }
         }
         match batch_io::recv_batch(&self.socket, batch) {
-            Ok(_) => {
+            Ok(n) => {
+                if n > 0 {
+                    self.shared.receive_calls.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .datagrams_received
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
                 let now = Instant::now();
                 for (source, data) in batch.iter() {
                     if source == self.waker_addr {

@@ -104,6 +104,18 @@ impl Metrics {
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
             c(
+                "edgerelay_media_loop_iterations_total",
+                shared.loop_iterations.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_media_receive_calls_total",
+                shared.receive_calls.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_media_datagrams_received_total",
+                shared.datagrams_received.load(Ordering::Relaxed),
+            );
+            c(
                 "edgerelay_turn_handoff_in_total",
                 shared.relayed_in.load(Ordering::Relaxed),
             );
