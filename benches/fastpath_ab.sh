@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Fast-path A/B: the same edgerelay binary in several media configurations, side by
+# side in one run, against the same client (`edgerelay loadtest`) and the same cached
+# 2 Mbit/s H.264 stream, on loopback. For each variant it prints the loadtest figures and
+# one line
+#   RESULT variant=... n=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
+# and at the end the ratio of each variant to the baseline (one datagram per syscall).
+#
+# Variants (edge.toml fragments):
+#   baseline      [media] batch_io = false          one system call per datagram
+#   batched       defaults                          recvmmsg/sendmmsg (the shipped default)
+#   batched_nobwe [sfu] bwe = false                 no per-viewer bandwidth estimation
+#
+# Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
+# Note: on loopback the server's CPU also pays the kernel's delivery of each datagram to
+# the receiving client socket (and the wake-up of the client's thread); on a NIC it does not.
+set -euo pipefail
+
+N=${N:-200}
+STEADY=${STEADY:-15}
+JOIN_RATE=${JOIN_RATE:-50}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${EDGERELAY_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --bin edgerelay >&2)
+  EDGERELAY_BIN="$ROOT/target/release/edgerelay"
+fi
+TMP=$(mktemp -d /tmp/edgerelay-ab.XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+run_variant() {
+  local name=$1 fragment=$2 dir="$TMP/$1"
+  mkdir -p "$dir"
+  cat > "$dir/edge.toml" <<TOML
+[node]
+id = "ab-$name"
+[http]
+listen = "127.0.0.1:0"
+[auth]
+publisher_tokens = ["ab-publisher-token"]
+viewer_tokens = ["ab-viewer-token"]
+$fragment
+TOML
+  "$EDGERELAY_BIN" edge --config "$dir/edge.toml" --media-listen 127.0.0.1:0 >"$dir/out" 2>"$dir/err" &
+  local pid=$!
+  for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
+  local http
+  http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
+  timeout $((STEADY + N / JOIN_RATE + 90)) "$EDGERELAY_BIN" loadtest \
+    --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
+    --seconds "$STEADY" --server-pid "$pid" \
+    --source-whip "$http/whip/bench" --source-token ab-publisher-token \
+    --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  python3 - "$dir/result.json" "$name" "$N" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} error={e!r}")
+    sys.exit(0)
+print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']} "
+      f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
+      f"server_cpu_pct={r['server_cpu_pct']}")
+PY
+}
+
+{
+  run_variant baseline $'[media]\nbatch_io = false'
+  run_variant batched ''
+  run_variant batched_nobwe $'[sfu]\nbwe = false'
+} | tee "$TMP/results"
+
+python3 - "$TMP/results" <<'PY'
+import re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"RESULT variant=(\S+) n=\S+ us_per_pkt=(\S+)", line)
+    if m:
+        rows[m.group(1)] = float(m.group(2))
+base = rows.get("baseline")
+if base:
+    print("RATIOS " + " ".join(f"{k}={v / base:.2f}" for k, v in rows.items()))
+PY
