@@ -83,6 +83,9 @@ pub struct MediaConfig {
     /// Batched socket I/O (recvmmsg/sendmmsg). `false` is one system call per
     /// datagram, kept as the baseline for benchmarks.
     pub batch_io: bool,
+    /// Media threads (shards): each owns a UDP port (`listen`'s port, then the
+    /// next ones) and the rooms hashed to it. 0 = one per CPU.
+    pub threads: usize,
 }
 
 impl Default for MediaConfig {
@@ -91,6 +94,7 @@ impl Default for MediaConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             public_ips: Vec::new(),
             batch_io: true,
+            threads: 1,
         }
     }
 }
@@ -222,6 +226,9 @@ impl EdgeConfig {
         if self.media.public_ips.iter().any(|ip| ip.is_unspecified()) {
             bail!("media.public_ips: 0.0.0.0 and :: are not reachable addresses");
         }
+        if self.media.threads > 64 {
+            bail!("media.threads: at most 64 (0 = one per CPU)");
+        }
         if self.sfu.keyframe_throttle_ms > 10_000 {
             bail!("sfu.keyframe_throttle_ms: at most 10000");
         }
@@ -324,6 +331,16 @@ impl EdgeConfig {
                 .iter()
                 .map(|ip| SocketAddr::new(*ip, bound.port()))
                 .collect()
+        }
+    }
+
+    /// Number of media threads to run.
+    pub fn shard_count(&self) -> usize {
+        match self.media.threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
         }
     }
 

@@ -282,6 +282,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = EdgeConfig::default();
     cfg.http.listen = args.http_listen;
     cfg.media.listen = ([127, 0, 0, 1], 0).into();
+    cfg.media.threads = 0; // one media thread per CPU
     cfg.auth.publisher_tokens = vec![pub_token.clone()];
     cfg.auth.viewer_tokens = vec![view_token.clone()];
     cfg.auth.token_keys = vec![gw.token_key.clone()];

@@ -1,5 +1,10 @@
 //! Counters kept by the core with plain integer adds; the driver exports them as metrics.
 
+/// Adds `$other`'s counters into `$self`, field by field.
+macro_rules! add_fields {
+    ($self:ident, $other:ident, $($f:ident),* $(,)?) => { $( $self.$f += $other.$f; )* };
+}
+
 /// Monotonic counters since start.
 #[derive(Debug, Default, Clone)]
 pub struct SfuStats {
@@ -51,4 +56,38 @@ pub struct SfuStats {
     pub video_pauses: u64,
     /// Viewers resumed.
     pub video_resumes: u64,
+}
+
+impl SfuStats {
+    /// Adds another core's counters (the edge runs one core per media thread).
+    pub fn add(&mut self, o: &SfuStats) {
+        add_fields!(
+            self,
+            o,
+            datagrams_in,
+            bytes_in,
+            datagrams_out,
+            bytes_out,
+            rtp_in,
+            rtp_out,
+            keyframes_in,
+            keyframe_requests_from_viewers,
+            keyframe_requests_upstream,
+            keyframe_requests_merged,
+            keyframe_requests_answered_by_cache,
+            viewer_starts_from_cache,
+            packets_replayed,
+            dropped_unknown_source,
+            dropped_malformed,
+            dropped_unknown_stream,
+            dropped_no_codec,
+            dropped_paused,
+            input_forwarded,
+            input_dropped_spectator,
+            data_to_viewers,
+            data_dropped,
+            video_pauses,
+            video_resumes,
+        );
+    }
 }

@@ -92,9 +92,20 @@ pub struct RoomInfo {
     pub viewers: usize,
 }
 
-/// State the media thread publishes for metrics, health and registration.
+/// What one media thread last published.
+#[derive(Default)]
+pub struct ShardState {
+    stats: SfuStats,
+    rooms: Vec<RoomInfo>,
+    peers: u64,
+}
+
+/// State the media threads publish for metrics, health and registration:
+/// the aggregate over all shards (counters are added, rooms listed together).
 #[derive(Default)]
 pub struct Shared {
+    /// Each shard's last published state.
+    shards: Vec<Mutex<ShardState>>,
     /// Latest SFU counters.
     pub stats: Mutex<SfuStats>,
     /// Latest rooms.
@@ -121,15 +132,54 @@ pub struct Shared {
     pub stop: AtomicBool,
 }
 
-/// The signalling side's handle on the media thread.
+/// One media thread as signalling sees it.
 #[derive(Clone)]
-pub struct MediaHandle {
+struct ShardLink {
     tx: mpsc::Sender<MediaCmd>,
     waker: Arc<Waker>,
+    local_addr: SocketAddr,
+}
+
+/// The signalling side's handle on the media threads. A room lives on one
+/// shard (by a hash of its name); peer ids carry their shard, so commands
+/// about a peer find it without a lookup.
+#[derive(Clone)]
+pub struct MediaHandle {
+    shards: Vec<ShardLink>,
     /// Published state.
     pub shared: Arc<Shared>,
-    /// The bound media address.
+    /// The first shard's media address (the only one with one thread).
     pub local_addr: SocketAddr,
+}
+
+/// Which of `n` shards hosts `room` (FNV-1a: stable across runs and builds).
+pub fn shard_of(room: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in room.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % n.max(1) as u64) as usize
+}
+
+/// A shard-local peer id made unique across `n` shards (the slot index is
+/// multiplied out; the generation is untouched).
+fn global_peer(shard: usize, n: usize, peer: PeerId) -> PeerId {
+    let v = peer.as_u64();
+    let index = v & 0xffff_ffff;
+    let global = index.wrapping_mul(n as u64).wrapping_add(shard as u64) & 0xffff_ffff;
+    PeerId::from_u64((v & !0xffff_ffff) | global)
+}
+
+/// Inverse of [`global_peer`]: the shard and the shard-local id.
+fn local_peer(n: usize, peer: PeerId) -> (usize, PeerId) {
+    let n = n.max(1) as u64;
+    let v = peer.as_u64();
+    let index = v & 0xffff_ffff;
+    (
+        (index % n) as usize,
+        PeerId::from_u64((v & !0xffff_ffff) | (index / n)),
+    )
 }
 
 /// The media thread is gone (it crashed or was stopped).
@@ -138,21 +188,63 @@ pub struct MediaHandle {
 pub struct MediaGone;
 
 impl MediaHandle {
-    /// Sends a command built around a fresh reply channel and waits for the reply.
+    /// Sends a command built around a fresh reply channel to the shard it
+    /// belongs to and waits for the reply.
     pub async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> MediaCmd,
     ) -> Result<T, MediaGone> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).map_err(|_| MediaGone)?;
-        self.waker.wake_now();
+        let (k, cmd) = self.route(make(tx));
+        let shard = self.shards.get(k).ok_or(MediaGone)?;
+        shard.tx.send(cmd).map_err(|_| MediaGone)?;
+        shard.waker.wake_now();
         rx.await.map_err(|_| MediaGone)
     }
 
-    /// Asks the thread to stop.
+    fn route(&self, cmd: MediaCmd) -> (usize, MediaCmd) {
+        let n = self.shards.len();
+        match cmd {
+            MediaCmd::Publish { ref room, .. }
+            | MediaCmd::View { ref room, .. }
+            | MediaCmd::ViewOffer { ref room, .. } => (shard_of(room, n), cmd),
+            MediaCmd::Answer { peer, sdp, reply } => {
+                let (k, peer) = local_peer(n, peer);
+                (k, MediaCmd::Answer { peer, sdp, reply })
+            }
+            MediaCmd::Candidate {
+                peer,
+                candidate,
+                reply,
+            } => {
+                let (k, peer) = local_peer(n, peer);
+                (
+                    k,
+                    MediaCmd::Candidate {
+                        peer,
+                        candidate,
+                        reply,
+                    },
+                )
+            }
+            MediaCmd::Remove { peer, reply } => {
+                let (k, peer) = local_peer(n, peer);
+                (k, MediaCmd::Remove { peer, reply })
+            }
+        }
+    }
+
+    /// Every shard's media address.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shards.iter().map(|s| s.local_addr).collect()
+    }
+
+    /// Asks the threads to stop.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        self.waker.wake_now();
+        for s in &self.shards {
+            s.waker.wake_now();
+        }
     }
 }
 
@@ -248,7 +340,26 @@ fn bind_tuned(listen: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(udp)
 }
 
-/// Binds the one UDP media socket.
+/// Binds the sockets of `n` shards: `listen`'s port and the next ones (or
+/// ephemeral ports when it is 0).
+pub fn bind_shards(listen: SocketAddr, n: usize) -> anyhow::Result<Vec<MediaSocket>> {
+    (0..n)
+        .map(|k| {
+            let mut a = listen;
+            if a.port() != 0 {
+                let port = a.port() as usize + k;
+                anyhow::ensure!(
+                    port <= u16::MAX as usize,
+                    "media.listen: port range overflows"
+                );
+                a.set_port(port as u16);
+            }
+            bind(a)
+        })
+        .collect()
+}
+
+/// Binds one UDP media socket.
 pub fn bind(listen: SocketAddr) -> anyhow::Result<MediaSocket> {
     let socket = bind_tuned(listen)
         .map_err(|e| anyhow::anyhow!("media.listen: cannot bind UDP {listen}: {e}"))?;
@@ -269,66 +380,102 @@ pub fn bind(listen: SocketAddr) -> anyhow::Result<MediaSocket> {
     })
 }
 
-/// The TURN side of the media thread: where relayed packets come from and go to.
-pub struct TurnLink {
-    /// Sends SFU output to relayed addresses.
-    pub handle: TurnHandle,
-    /// Relayed packets for the SFU.
-    pub rx: mpsc::Receiver<LocalPacket>,
+/// One shard to start: its socket, its SFU configuration (candidates with its
+/// own port), and the relayed packets the built-in TURN hands to it.
+pub struct ShardSpec {
+    /// The bound socket.
+    pub socket: MediaSocket,
+    /// The SFU core's configuration.
+    pub cfg: SfuConfig,
+    /// Relayed packets for this shard's SFU, when TURN runs.
+    pub relayed: Option<mpsc::Receiver<LocalPacket>>,
 }
 
-/// Starts the media thread on a bound socket.
+/// Starts one media thread per shard.
 pub fn spawn(
-    ms: MediaSocket,
-    cfg: SfuConfig,
-    turn: Option<TurnLink>,
+    specs: Vec<ShardSpec>,
+    turn: Option<TurnHandle>,
     batch_io: bool,
 ) -> anyhow::Result<MediaHandle> {
-    let MediaSocket {
-        socket,
-        waker,
-        local_addr,
-    } = ms;
-    let waker_addr = waker.local_addr()?;
-    let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared::default());
+    let n = specs.len();
+    anyhow::ensure!(n > 0, "media: at least one shard");
+    let shared = Arc::new(Shared {
+        shards: (0..n).map(|_| Mutex::new(ShardState::default())).collect(),
+        ..Default::default()
+    });
     shared.alive.store(true, Ordering::Relaxed);
-    let thread_shared = shared.clone();
-    let candidates = cfg.candidates.clone();
-    let thread_waker = waker.clone();
-    std::thread::Builder::new()
-        .name("media".into())
-        .spawn(move || {
-            let mut engine = Engine {
-                sfu: Sfu::new(cfg),
-                socket,
-                local_addr,
-                candidates,
-                waker_addr,
-                waker: thread_waker,
+    let mut links = Vec::with_capacity(n);
+    for (shard, spec) in specs.into_iter().enumerate() {
+        let ShardSpec {
+            socket:
+                MediaSocket {
+                    socket,
+                    waker,
+                    local_addr,
+                },
+            cfg,
+            relayed,
+        } = spec;
+        let waker_addr = waker.local_addr()?;
+        let (tx, rx) = mpsc::channel();
+        let thread_shared = shared.clone();
+        let candidates = cfg.candidates.clone();
+        let thread_waker = waker.clone();
+        let turn = match (&turn, relayed) {
+            (Some(h), Some(rx)) => Some(TurnLink {
+                handle: h.clone(),
                 rx,
-                turn,
-                relayed: HashMap::new(),
-                shared: thread_shared.clone(),
-                last_publish: Instant::now(),
-                last_prune: Instant::now(),
-                batch_io,
-                out: Vec::with_capacity(batch_io::BATCH * 4),
-            };
-            engine.run();
-            thread_shared.alive.store(false, Ordering::Relaxed);
-        })?;
-    info!(%local_addr, "media thread started");
+            }),
+            _ => None,
+        };
+        std::thread::Builder::new()
+            .name(format!("media-{shard}"))
+            .spawn(move || {
+                let mut engine = Engine {
+                    sfu: Sfu::new(cfg),
+                    shard,
+                    shards: n,
+                    socket,
+                    local_addr,
+                    candidates,
+                    waker_addr,
+                    waker: thread_waker,
+                    rx,
+                    turn,
+                    relayed: HashMap::new(),
+                    shared: thread_shared.clone(),
+                    last_publish: Instant::now(),
+                    last_prune: Instant::now(),
+                    batch_io,
+                    out: Vec::with_capacity(batch_io::BATCH * 4),
+                };
+                engine.run();
+                thread_shared.alive.store(false, Ordering::Relaxed);
+            })?;
+        info!(shard, %local_addr, "media thread started");
+        links.push(ShardLink {
+            tx,
+            waker,
+            local_addr,
+        });
+    }
     Ok(MediaHandle {
-        tx,
-        waker,
+        local_addr: links[0].local_addr,
+        shards: links,
         shared,
-        local_addr,
     })
+}
+
+/// The TURN side of a media thread: where relayed packets come from and go to.
+struct TurnLink {
+    handle: TurnHandle,
+    rx: mpsc::Receiver<LocalPacket>,
 }
 
 struct Engine {
     sfu: Sfu,
+    shard: usize,
+    shards: usize,
     socket: UdpSocket,
     local_addr: SocketAddr,
     candidates: Vec<SocketAddr>,
@@ -539,7 +686,10 @@ impl Engine {
             let now = Instant::now();
             match cmd {
                 MediaCmd::Publish { room, offer, reply } => {
-                    let _ = reply.send(self.sfu.publish(now, &room, &offer));
+                    let _ = {
+                        let r = self.sfu.publish(now, &room, &offer);
+                        reply.send(self.globalize(r))
+                    };
                 }
                 MediaCmd::View {
                     room,
@@ -547,7 +697,10 @@ impl Engine {
                     role,
                     reply,
                 } => {
-                    let _ = reply.send(self.sfu.view(now, &room, &offer, role));
+                    let _ = {
+                        let r = self.sfu.view(now, &room, &offer, role);
+                        reply.send(self.globalize(r))
+                    };
                 }
                 MediaCmd::ViewOffer {
                     room,
@@ -555,7 +708,10 @@ impl Engine {
                     audio,
                     reply,
                 } => {
-                    let _ = reply.send(self.sfu.view_offer(now, &room, role, audio));
+                    let _ = {
+                        let r = self.sfu.view_offer(now, &room, role, audio);
+                        reply.send(self.globalize(r))
+                    };
                 }
                 MediaCmd::Answer { peer, sdp, reply } => {
                     let _ = reply.send(self.sfu.accept_answer(now, peer, &sdp));
@@ -575,11 +731,16 @@ impl Engine {
         }
     }
 
+    /// Makes a joined peer's id unique across shards.
+    fn globalize(&self, r: Result<Joined, SfuError>) -> Result<Joined, SfuError> {
+        r.map(|mut j| {
+            j.peer = global_peer(self.shard, self.shards, j.peer);
+            j
+        })
+    }
+
     fn publish_state(&mut self, now: Instant) {
         self.last_publish = now;
-        if let Ok(mut s) = self.shared.stats.lock() {
-            *s = self.sfu.stats().clone();
-        }
         let rooms: Vec<RoomInfo> = self
             .sfu
             .rooms()
@@ -590,13 +751,64 @@ impl Engine {
                 viewers,
             })
             .collect();
+        if let Some(Ok(mut slot)) = self.shared.shards.get(self.shard).map(|m| m.lock()) {
+            slot.stats = self.sfu.stats().clone();
+            slot.rooms = rooms;
+            slot.peers = self.sfu.peer_count() as u64;
+        }
+        // The aggregate the HTTP side reads (a few shards, a few times a second).
+        let mut stats = SfuStats::default();
+        let mut rooms = Vec::new();
+        let mut peers = 0;
+        for slot in &self.shared.shards {
+            if let Ok(slot) = slot.lock() {
+                stats.add(&slot.stats);
+                rooms.extend(slot.rooms.iter().cloned());
+                peers += slot.peers;
+            }
+        }
         let viewers: usize = rooms.iter().map(|r| r.viewers).sum();
+        if let Ok(mut s) = self.shared.stats.lock() {
+            *s = stats;
+        }
         if let Ok(mut r) = self.shared.rooms.lock() {
             *r = rooms;
         }
-        self.shared
-            .peers
-            .store(self.sfu.peer_count() as u64, Ordering::Relaxed);
+        self.shared.peers.store(peers, Ordering::Relaxed);
         self.shared.viewers.store(viewers as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_round_trip_through_their_shard() {
+        for n in 1..=8 {
+            for shard in 0..n {
+                for (index, generation) in [(0u64, 1u64), (5, 7), (1_000_000, u32::MAX as u64)] {
+                    let local = PeerId::from_u64((generation << 32) | index);
+                    let g = global_peer(shard, n, local);
+                    assert_eq!(local_peer(n, g), (shard, local), "n={n} shard={shard}");
+                }
+            }
+        }
+        // Distinct shards never produce the same global id for the same local id.
+        let local = PeerId::from_u64((1 << 32) | 3);
+        assert_ne!(global_peer(0, 2, local), global_peer(1, 2, local));
+        // A bogus id from a URL decodes to some shard without panicking.
+        let (k, _) = local_peer(3, PeerId::from_u64(u64::MAX));
+        assert!(k < 3);
+    }
+
+    #[test]
+    fn rooms_spread_over_shards_stably() {
+        assert_eq!(shard_of("demo", 1), 0);
+        let a = shard_of("room-a", 4);
+        assert_eq!(a, shard_of("room-a", 4));
+        let used: std::collections::HashSet<usize> =
+            (0..64).map(|i| shard_of(&format!("room-{i}"), 4)).collect();
+        assert_eq!(used.len(), 4, "64 rooms use all 4 shards");
     }
 }

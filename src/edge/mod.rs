@@ -44,6 +44,9 @@ pub struct EdgeArgs {
     /// Viewer bearer token (repeatable; overrides auth.viewer_tokens).
     #[arg(long)]
     pub viewer_token: Vec<String>,
+    /// Media threads, one UDP port each (overrides media.threads; 0 = one per CPU).
+    #[arg(long)]
+    pub media_threads: Option<usize>,
     /// Node id (overrides node.id).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -73,6 +76,9 @@ impl EdgeArgs {
         }
         if !self.viewer_token.is_empty() {
             cfg.auth.viewer_tokens = self.viewer_token.clone();
+        }
+        if let Some(n) = self.media_threads {
+            cfg.media.threads = n;
         }
         if let Some(id) = &self.node_id {
             cfg.node.id = id.clone();
@@ -156,24 +162,44 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
         ..SfuConfig::default()
     };
-    let ms = media::bind(cfg.media.listen)?;
-    let candidates = cfg.candidates(ms.local_addr);
-    let sfu_cfg = SfuConfig {
-        candidates: candidates.clone(),
-        ..sfu_cfg
-    };
-    let (turn, link) = if cfg.turn.enabled {
-        let (handoff, rx) = turn::handoff(candidates.clone(), ms.waker.clone());
-        let t = Arc::new(turn::EdgeTurn::start(&cfg.turn, &candidates, handoff)?);
-        let link = media::TurnLink {
-            handle: t.handle.clone(),
-            rx,
-        };
-        (Some(t), Some(link))
+    let sockets = media::bind_shards(cfg.media.listen, cfg.shard_count())?;
+    let shard_candidates: Vec<Vec<std::net::SocketAddr>> = sockets
+        .iter()
+        .map(|ms| cfg.candidates(ms.local_addr))
+        .collect();
+    let all_candidates: Vec<std::net::SocketAddr> =
+        shard_candidates.iter().flatten().copied().collect();
+    let (turn, mut relayed): (_, Vec<_>) = if cfg.turn.enabled {
+        let (router, rxs) = turn::ShardedHandoff::new(
+            sockets
+                .iter()
+                .zip(&shard_candidates)
+                .map(|(ms, c)| (c.clone(), ms.waker.clone()))
+                .collect(),
+        );
+        let t = Arc::new(turn::EdgeTurn::start(&cfg.turn, &all_candidates, router)?);
+        (Some(t), rxs.into_iter().map(Some).collect())
     } else {
-        (None, None)
+        (None, sockets.iter().map(|_| None).collect())
     };
-    let media = media::spawn(ms, sfu_cfg, link, cfg.media.batch_io)?;
+    let specs = sockets
+        .into_iter()
+        .zip(shard_candidates)
+        .zip(relayed.iter_mut())
+        .map(|((socket, candidates), rx)| media::ShardSpec {
+            socket,
+            cfg: SfuConfig {
+                candidates,
+                ..sfu_cfg.clone()
+            },
+            relayed: rx.take(),
+        })
+        .collect();
+    let media = media::spawn(
+        specs,
+        turn.as_ref().map(|t| t.handle.clone()),
+        cfg.media.batch_io,
+    )?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -217,11 +243,19 @@ pub async fn run(args: EdgeArgs) -> anyhow::Result<()> {
             .iter()
             .map(|u| format!(" turn={u}"))
             .collect();
+        let shards = edge.state.media.local_addrs();
+        let shards = if shards.len() > 1 {
+            let list: Vec<String> = shards.iter().map(|a| a.to_string()).collect();
+            format!(" media_shards={}", list.join(","))
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "EDGERELAY_READY http={} media={}{}",
+            "EDGERELAY_READY http={} media={}{}{}",
             edge.base_url(),
             edge.media_addr,
+            shards,
             turn.concat()
         )?;
         out.flush()?;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use edgerelay_turn::{ChannelPeer, LocalPacket, TurnConfig, TurnHandle, TurnServer};
+use edgerelay_turn::{ChannelPeer, LocalPacket, LocalPeer, TurnConfig, TurnHandle, TurnServer};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -104,6 +104,37 @@ pub fn handoff(
     ChannelPeer::with_wake(addrs, HANDOFF_CAPACITY, Box::new(move || waker.wake()))
 }
 
+/// Routes relayed packets to the media thread (shard) that owns the SFU address.
+pub struct ShardedHandoff {
+    shards: Vec<Arc<ChannelPeer>>,
+}
+
+impl ShardedHandoff {
+    /// One channel per shard: (the shard's SFU addresses, its waker). Returns the
+    /// router for TURN and each shard's receiver, in order.
+    pub fn new(
+        shards: Vec<(Vec<SocketAddr>, Arc<Waker>)>,
+    ) -> (Arc<ShardedHandoff>, Vec<Receiver<LocalPacket>>) {
+        let (peers, rxs) = shards
+            .into_iter()
+            .map(|(addrs, waker)| handoff(addrs, waker))
+            .unzip();
+        (Arc::new(ShardedHandoff { shards: peers }), rxs)
+    }
+}
+
+impl LocalPeer for ShardedHandoff {
+    fn is_local(&self, addr: SocketAddr) -> bool {
+        self.shards.iter().any(|p| p.is_local(addr))
+    }
+
+    fn deliver(&self, relay: SocketAddr, sfu: SocketAddr, data: &[u8]) {
+        if let Some(p) = self.shards.iter().find(|p| p.is_local(sfu)) {
+            p.deliver(relay, sfu, data);
+        }
+    }
+}
+
 /// The running TURN server plus what signalling needs to advertise it.
 pub struct EdgeTurn {
     server: std::sync::Mutex<Option<TurnServer>>,
@@ -119,7 +150,7 @@ impl EdgeTurn {
     pub fn start(
         section: &TurnSection,
         sfu_addrs: &[SocketAddr],
-        handoff: Arc<ChannelPeer>,
+        handoff: Arc<dyn LocalPeer>,
     ) -> anyhow::Result<EdgeTurn> {
         let mut cfg = section.server.clone();
         if cfg.rest_secrets.is_empty() {
