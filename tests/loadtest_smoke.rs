@@ -4,10 +4,12 @@
 //! the measured phase and that the report carries the server figures. No timing
 //! assertion: this is a benchmark tool, the figures depend on the machine.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
+
+use support::EdgeProcess;
 
 /// Kills a child process when the test ends, pass or fail.
 struct Proc(Child);
@@ -19,50 +21,25 @@ impl Drop for Proc {
     }
 }
 
-fn start_edge() -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "edge",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--media-listen",
-            "127.0.0.1:0",
+fn start_edge() -> EdgeProcess {
+    EdgeProcess::start(
+        &[
             "--public-ip",
             "127.0.0.1",
             "--publisher-token",
             "smoke-pub",
             "--viewer-token",
             "smoke-view",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("edge binary starts");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep draining stdout so the edge never blocks on a full pipe.
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("EDGERELAY_READY ") {
-                let http = rest
-                    .split_whitespace()
-                    .find_map(|kv| kv.strip_prefix("http="))
-                    .map(str::to_owned);
-                let _ = tx.send(http);
-            }
-        }
-    });
-    let edge = Proc(child);
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Some(http)) => (edge, http.trim_end_matches('/').to_owned()),
-        other => panic!("edge did not print EDGERELAY_READY http=...: {other:?}"),
-    }
+        ],
+        false,
+    )
 }
 
 #[test]
 fn loadtest_ten_viewers_all_receive() {
-    let (edge, http) = start_edge();
-    let edge_pid = edge.0.id();
+    let edge = start_edge();
+    let http = edge.http();
+    let edge_pid = edge.pid();
     let publisher = Proc(
         Command::new(env!("CARGO_BIN_EXE_edgerelay"))
             .args([

@@ -9,67 +9,13 @@ mod publisher;
 #[path = "../src/whep_client.rs"]
 mod whep_client;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use publisher::PublishArgs;
+use support::{wait_until, EdgeProcess};
 use whep_client::ViewOptions;
-
-struct EdgeProcess {
-    child: Child,
-    ready: String,
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl EdgeProcess {
-    fn field(&self, key: &str) -> Option<&str> {
-        self.ready
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-    }
-}
-
-fn start_edge() -> EdgeProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "edge",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--media-listen",
-            "127.0.0.1:0",
-            "--media-threads",
-            "2",
-            "--publisher-token",
-            "publisher-token-shards",
-            "--viewer-token",
-            "viewer-token-shards",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("edge binary starts");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("EDGERELAY_READY ") {
-                let _ = tx.send(rest.to_owned());
-            }
-        }
-    });
-    let ready = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("edge prints EDGERELAY_READY");
-    EdgeProcess { child, ready }
-}
 
 /// The same hash the edge uses (FNV-1a), to pick rooms on different shards.
 fn shard_of(room: &str, n: u64) -> u64 {
@@ -81,18 +27,20 @@ fn shard_of(room: &str, n: u64) -> u64 {
     h % n
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_on_both_media_threads_get_video() {
-    let edge = start_edge();
-    let http = edge.field("http").expect("http=").to_owned();
+    let edge = EdgeProcess::start(
+        &[
+            "--media-threads",
+            "2",
+            "--publisher-token",
+            "publisher-token-shards",
+            "--viewer-token",
+            "viewer-token-shards",
+        ],
+        true,
+    );
+    let http = edge.http();
     let shards: Vec<&str> = edge
         .field("media_shards")
         .expect("media_shards= in the ready line")

@@ -10,83 +10,29 @@ mod publisher;
 #[path = "../src/whep_client.rs"]
 mod whep_client;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use publisher::PublishArgs;
+use support::{wait_until, EdgeProcess};
 use whep_client::ViewOptions;
 
-/// Kills the edge process when the test ends, pass or fail.
-struct EdgeProcess {
-    child: Child,
-    http: String,
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_edge() -> EdgeProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "edge",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--media-listen",
-            "127.0.0.1:0",
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_edge_two_viewers_roles_and_control() {
+    let edge = EdgeProcess::start(
+        &[
             "--public-ip",
             "127.0.0.1",
             "--publisher-token",
             "publisher-token-e2e",
             "--viewer-token",
             "viewer-token-e2e",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("edge binary starts");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep draining stdout so the edge never blocks on a full pipe.
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("EDGERELAY_READY ") {
-                let http = rest
-                    .split_whitespace()
-                    .find_map(|kv| kv.strip_prefix("http="))
-                    .map(str::to_owned);
-                let _ = tx.send(http);
-            }
-        }
-    });
-    let mut edge = EdgeProcess {
-        child,
-        http: String::new(),
-    };
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Some(http)) => edge.http = http.trim_end_matches('/').to_owned(),
-        other => panic!("edge did not print EDGERELAY_READY http=...: {other:?}"),
-    }
-    edge
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publisher_edge_two_viewers_roles_and_control() {
-    let edge = start_edge();
-    let room = format!("{}/whip/e2e", edge.http);
+        ],
+        true,
+    );
+    let http = edge.http();
+    let room = format!("{http}/whip/e2e");
     let mut args = PublishArgs::new(room, Some("publisher-token-e2e".into()));
     args.width = 320;
     args.height = 240;
@@ -101,7 +47,7 @@ async fn publisher_edge_two_viewers_roles_and_control() {
     })
     .await;
 
-    let whep = format!("{}/whep/e2e", edge.http);
+    let whep = format!("{http}/whep/e2e");
     let mut o1 = ViewOptions::new(&whep, Some("viewer-token-e2e".into()));
     o1.send_control = Some("{\"from\":\"controller\",\"n\":1}".into());
     let controller = whep_client::spawn(o1).await.expect("viewer 1");
