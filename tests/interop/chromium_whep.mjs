@@ -14,45 +14,24 @@
 // Prints one JSON line per progress sample ({"event":"stats",...}) and a final
 // line {"event":"result",...}; exits 0 if the WHEP request itself succeeded
 // (the Python test decides what counts as success), 2 on a harness error.
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import {
+  BASE_ARGS, driverOptions, emit, forwardPageLogs, freshUserDataDir, installStatsReader,
+  runDriver, startWatchdog,
+} from './chromium_common.mjs';
 
-const opts = JSON.parse(process.argv[2] || '{}');
-const seconds = Number(opts.seconds ?? 10);
-const deadline = Date.now() + seconds * 1000;
-const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
-
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-chromium-'));
-const args = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-ui-for-media-stream',
-];
-
-let browser;
-let exitCode = 0;
+const { opts, seconds, deadline } = driverOptions(10);
+const userDataDir = freshUserDataDir('edgerelay-chromium-');
 // Hard guard: whatever happens, never outlive the deadline by much.
-const guard = setTimeout(() => {
-  emit({ event: 'error', error: 'chromium driver watchdog fired' });
-  process.exit(3);
-}, (seconds + 30) * 1000);
+const guard = startWatchdog((seconds + 30) * 1000);
 
-try {
-  // A fresh --user-data-dir (playwright wants it as the persistent-context argument).
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: opts.executablePath || '/usr/bin/chromium',
-    headless: true,
-    args,
-    timeout: 30000,
-  });
+await runDriver({ userDataDir, args: BASE_ARGS, executablePath: opts.executablePath, guard },
+  async (browser) => {
   const page = browser.pages()[0] || await browser.newPage();
-  page.on('console', (m) => emit({ event: 'console', type: m.type(), text: m.text() }));
-  page.on('pageerror', (e) => emit({ event: 'pageerror', error: String(e) }));
+  forwardPageLogs(page);
   // Same origin as the edge, so fetch() needs no CORS.
   const health = await page.goto(`${opts.base}/healthz`, { timeout: 15000 });
   emit({ event: 'healthz', status: health ? health.status() : null });
+  await installStatsReader(page);
 
   const setup = await page.evaluate(async (o) => {
     const pc = new RTCPeerConnection({ iceServers: [] });
@@ -106,13 +85,7 @@ try {
       await new Promise((r) => setTimeout(r, 500));
       sample = await page.evaluate(async () => {
         const pc = window.__pc;
-        const stats = await pc.getStats();
-        let video = null; let pair = null; const cands = {};
-        stats.forEach((s) => {
-          if (s.type === 'inbound-rtp' && s.kind === 'video') video = s;
-          if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
-          if (s.type === 'local-candidate' || s.type === 'remote-candidate' || s.type === 'codec') cands[s.id] = s;
-        });
+        const { byId: cands, inbound: video, nominatedPair: pair } = await window.__readStats(pc);
         const cand = (id) => (id && cands[id]
           ? { type: cands[id].candidateType, address: cands[id].address, port: cands[id].port, protocol: cands[id].protocol }
           : null);
@@ -148,12 +121,4 @@ try {
       emit({ event: 'delete', status: del });
     }
   }
-} catch (e) {
-  emit({ event: 'error', error: String(e && e.stack ? e.stack : e) });
-  exitCode = 2;
-} finally {
-  clearTimeout(guard);
-  if (browser) await browser.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
-}
-process.exit(exitCode);
+});

@@ -527,25 +527,25 @@ if HAVE_AIORTC:
 # --------------------------------------------------------------------------------------------
 
 
-async def run_chromium(request, tmp_path: Path, base: str, room: str, *, token: str = VIEW_TOKEN,
-                       seconds: float = 15, min_frames: int = 30, data_channel: bool = False,
-                       send_messages: list[str] | None = None, wait_messages: int = 0,
-                       name: str = "chromium") -> dict:
-    """Run chromium_whep.mjs; returns {"result": {...}, "events": [...]} (log attached on failure)."""
-    opts = {
-        "base": base, "room": room, "token": token, "seconds": seconds, "minFrames": min_frames,
-        "dataChannel": data_channel, "sendMessages": send_messages or [], "waitMessages": wait_messages,
-        "executablePath": CHROMIUM,
-    }
+async def run_node_driver(request, tmp_path: Path, script: str, opts: dict, *, name: str,
+                          bound: float, what: str = "chromium driver",
+                          prefix: str = "") -> tuple[list[dict], dict, int | None]:
+    """Run the node driver ``script`` (in this directory) with ``opts`` as its JSON argument.
+
+    Every stdout line goes to ``<name>.log`` (attached to the report on failure) and is parsed
+    as a JSON event. Fails the test if it runs longer than ``bound`` seconds, emits an
+    ``error`` event or exits without a ``result`` event. Returns (events, last result,
+    exit code); ``what`` and ``prefix`` only shape the failure messages.
+    """
     log_path = tmp_path / f"{name}.log"
     attach_log(request, f"{name} driver output", log_path)
     proc = await asyncio.create_subprocess_exec(
-        "node", str(HERE / "chromium_whep.mjs"), json.dumps(opts), cwd=str(HERE),
+        "node", str(HERE / script), json.dumps(opts), cwd=str(HERE),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     events: list[dict] = []
     with open(log_path, "w") as log:
         try:
-            async with asyncio.timeout(seconds + 60):
+            async with asyncio.timeout(bound):
                 while True:
                     line = await proc.stdout.readline()
                     if not line:
@@ -561,12 +561,27 @@ async def run_chromium(request, tmp_path: Path, base: str, room: str, *, token: 
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise AssertionError(f"chromium driver did not finish within {seconds + 60}s")
+            raise AssertionError(f"{prefix}{what} did not finish within {bound}s")
     errors = [e for e in events if e.get("event") == "error"]
-    assert not errors, f"chromium driver error: {errors[0].get('error')}"
+    assert not errors, f"{prefix}chromium driver error: {errors[0].get('error')}"
     results = [e for e in events if e.get("event") == "result"]
-    assert results, f"chromium driver exited {proc.returncode} without a result"
-    return {"result": results[-1], "events": events, "returncode": proc.returncode}
+    assert results, f"{prefix}chromium driver exited {proc.returncode} without a result"
+    return events, results[-1], proc.returncode
+
+
+async def run_chromium(request, tmp_path: Path, base: str, room: str, *, token: str = VIEW_TOKEN,
+                       seconds: float = 15, min_frames: int = 30, data_channel: bool = False,
+                       send_messages: list[str] | None = None, wait_messages: int = 0,
+                       name: str = "chromium") -> dict:
+    """Run chromium_whep.mjs; returns {"result": {...}, "events": [...]} (log attached on failure)."""
+    opts = {
+        "base": base, "room": room, "token": token, "seconds": seconds, "minFrames": min_frames,
+        "dataChannel": data_channel, "sendMessages": send_messages or [], "waitMessages": wait_messages,
+        "executablePath": CHROMIUM,
+    }
+    events, result, returncode = await run_node_driver(
+        request, tmp_path, "chromium_whep.mjs", opts, name=name, bound=seconds + 60)
+    return {"result": result, "events": events, "returncode": returncode}
 
 
 # --------------------------------------------------------------------------------------------

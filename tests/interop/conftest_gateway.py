@@ -9,7 +9,6 @@ plugin, so the shared ``conftest.py`` stays untouched. Every wait is bounded.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHROMIUM, EDGE_BIN, HERE, _tail, attach_log
+from conftest import CHROMIUM, EDGE_BIN, _tail, attach_log, run_node_driver
 
 API_TOKEN = "interop-api-token-0123456789"
 NODE_KEY = "interop-node-key-0123456789"
@@ -191,33 +190,6 @@ async def run_gateway_chromium(request, tmp_path: Path, origin: str, pages: list
     (``{"name", "url", "iceServers", "sendPrefix"}``); returns the final result event."""
     opts = {"origin": origin, "pages": pages, "seconds": seconds, "minFrames": min_frames,
             "executablePath": CHROMIUM}
-    log_path = tmp_path / f"{name}.log"
-    attach_log(request, f"{name} driver output", log_path)
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(HERE / "gateway_ws.mjs"), json.dumps(opts), cwd=str(HERE),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    events: list[dict] = []
-    with open(log_path, "w") as log:
-        try:
-            async with asyncio.timeout(seconds + 60):
-                while True:
-                    line = await proc.stdout.readline()
-                    if not line:
-                        break
-                    text = line.decode(errors="replace").rstrip()
-                    log.write(text + "\n")
-                    log.flush()
-                    try:
-                        events.append(json.loads(text))
-                    except ValueError:
-                        events.append({"event": "raw", "text": text})
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"chromium driver did not finish within {seconds + 60}s")
-    errors = [e for e in events if e.get("event") == "error"]
-    assert not errors, f"chromium driver error: {errors[0].get('error')}"
-    results = [e for e in events if e.get("event") == "result"]
-    assert results, f"chromium driver exited {proc.returncode} without a result"
-    return results[-1]
+    _, result, _ = await run_node_driver(request, tmp_path, "gateway_ws.mjs", opts, name=name,
+                                         bound=seconds + 60)
+    return result

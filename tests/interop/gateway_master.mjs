@@ -28,30 +28,20 @@
 // Prints JSON lines: {"event":"stats","pages":{name: sample}} every 500 ms, {"event":"ack",
 // "command":...} per command, and a final {"event":"result","pages":{...}}; exit 0 unless the
 // harness itself failed (2) or the watchdog fired (3).
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import readline from 'node:readline';
+import {
+  BASE_ARGS, driverOptions, emit, forwardPageLogs, freshUserDataDir, installStatsReader,
+  runDriver, startWatchdog,
+} from './chromium_common.mjs';
 
-const opts = JSON.parse(process.argv[2] || '{}');
-const seconds = Number(opts.seconds ?? 45);
-const deadline = Date.now() + seconds * 1000;
-const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
-
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-chromium-master-'));
+const { opts, seconds, deadline } = driverOptions(45);
+const userDataDir = freshUserDataDir('edgerelay-chromium-master-');
 const args = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+  ...BASE_ARGS, '--use-fake-device-for-media-stream',
   // Host candidates as real addresses, not mDNS names the edge cannot resolve.
   '--disable-features=WebRtcHideLocalIpsWithMdns',
 ];
-
-const guard = setTimeout(() => {
-  emit({ event: 'error', error: 'chromium driver watchdog fired' });
-  process.exit(3);
-}, (seconds + 20) * 1000);
+const guard = startWatchdog((seconds + 20) * 1000);
 
 const commands = [];
 readline.createInterface({ input: process.stdin }).on('line', (l) => {
@@ -234,14 +224,9 @@ async function sample(page) {
     const st = window.__st;
     const pc = window.__pc;
     if (!st || !pc) return { wsState: 'starting' };
-    const stats = await pc.getStats();
-    let inbound = null; let outbound = null; let pair = null; const byId = {};
-    stats.forEach((s) => {
-      byId[s.id] = s;
-      if (s.type === 'inbound-rtp' && s.kind === 'video') inbound = s;
-      if (s.type === 'outbound-rtp' && s.kind === 'video') outbound = s;
-      if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
-    });
+    const {
+      byId, inbound, outbound, nominatedPair: pair,
+    } = await window.__readStats(pc);
     const rtp = inbound || outbound;
     const cand = (id) => (id && byId[id]
       ? { type: byId[id].candidateType, address: byId[id].address, port: byId[id].port } : null);
@@ -262,22 +247,15 @@ async function sample(page) {
   });
 }
 
-let browser;
-let exitCode = 0;
-try {
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: opts.executablePath || '/usr/bin/chromium',
-    headless: true,
-    args,
-    timeout: 30000,
-  });
+await runDriver({ userDataDir, args, executablePath: opts.executablePath, guard },
+  async (browser) => {
   const pages = [];
   const open = async (name, fn, arg) => {
     const page = await browser.newPage();
-    page.on('console', (m) => emit({ event: 'console', page: name, type: m.type(), text: m.text() }));
-    page.on('pageerror', (e) => emit({ event: 'pageerror', page: name, error: String(e) }));
+    forwardPageLogs(page, name);
     const health = await page.goto(`${opts.origin}/healthz`, { timeout: 15000 });
     emit({ event: 'page', page: name, healthz: health ? health.status() : null });
+    await installStatsReader(page);
     await page.evaluate(fn, arg);
     pages.push({ name, page });
     return page;
@@ -306,12 +284,4 @@ try {
     emit({ event: finished ? 'result' : 'stats', at: Date.now(), pages: snap });
   }
   if (!finished) emit({ event: 'error', error: `no "finish" command within ${seconds}s` });
-} catch (e) {
-  emit({ event: 'error', error: String(e && e.stack ? e.stack : e) });
-  exitCode = 2;
-} finally {
-  clearTimeout(guard);
-  if (browser) await browser.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
-}
-process.exit(exitCode);
+});

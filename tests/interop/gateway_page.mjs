@@ -3,34 +3,20 @@
 //
 // Usage: node gateway_page.mjs '{"urls": {"name": "http://..."}, "seconds": 30, "minFrames": 30}'
 // Prints {"event":"stats",...} samples and a final {"event":"result","pages":{name: {...}}}.
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import {
+  BASE_ARGS, driverOptions, emit, forwardPageLogs, freshUserDataDir, runDriver, startWatchdog,
+} from './chromium_common.mjs';
 
-const opts = JSON.parse(process.argv[2] || '{}');
-const seconds = Number(opts.seconds ?? 30);
-const deadline = Date.now() + seconds * 1000;
-const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-chromium-page-'));
-const guard = setTimeout(() => { emit({ event: 'error', error: 'watchdog fired' }); process.exit(3); },
-  (seconds + 30) * 1000);
-let browser;
-let code = 0;
-try {
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: opts.executablePath || '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--use-fake-ui-for-media-stream', '--autoplay-policy=no-user-gesture-required'],
-    timeout: 30000,
-  });
+const { opts, seconds, deadline } = driverOptions(30);
+const userDataDir = freshUserDataDir('edgerelay-chromium-page-');
+const guard = startWatchdog((seconds + 30) * 1000, 'watchdog fired');
+const args = [...BASE_ARGS, '--autoplay-policy=no-user-gesture-required'];
+await runDriver({ userDataDir, args, executablePath: opts.executablePath, guard },
+  async (browser) => {
   const pages = {};
   for (const [name, url] of Object.entries(opts.urls || {})) {
     const page = await browser.newPage();
-    page.on('pageerror', (e) => emit({ event: 'pageerror', page: name, error: String(e) }));
-    page.on('console', (m) => emit({ event: 'console', page: name, type: m.type(), text: m.text() }));
+    forwardPageLogs(page, name);
     await page.goto(url, { timeout: 15000 });
     pages[name] = page;
     await new Promise((r) => setTimeout(r, 500));
@@ -54,12 +40,4 @@ try {
     if (done) break;
   }
   emit({ event: 'result', pages: last });
-} catch (e) {
-  emit({ event: 'error', error: String(e && e.stack ? e.stack : e) });
-  code = 2;
-} finally {
-  clearTimeout(guard);
-  if (browser) await browser.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
-}
-process.exit(code);
+});

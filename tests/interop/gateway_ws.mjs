@@ -15,27 +15,14 @@
 //
 // Prints {"event":"stats",...} samples and a final {"event":"result","pages":{name: sample}};
 // exit 0 unless the harness itself failed (2).
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import {
+  BASE_ARGS, driverOptions, emit, forwardPageLogs, freshUserDataDir, installStatsReader,
+  runDriver, startWatchdog,
+} from './chromium_common.mjs';
 
-const opts = JSON.parse(process.argv[2] || '{}');
-const seconds = Number(opts.seconds ?? 25);
-const deadline = Date.now() + seconds * 1000;
-const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
-
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-chromium-ws-'));
-const args = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-ui-for-media-stream',
-];
-
-const guard = setTimeout(() => {
-  emit({ event: 'error', error: 'chromium driver watchdog fired' });
-  process.exit(3);
-}, (seconds + 30) * 1000);
+const { opts, seconds, deadline } = driverOptions(25);
+const userDataDir = freshUserDataDir('edgerelay-chromium-ws-');
+const guard = startWatchdog((seconds + 30) * 1000);
 
 // Runs inside the page: the client side of the protocol.
 function clientMain(o) {
@@ -103,13 +90,7 @@ async function sample(page) {
   return page.evaluate(async () => {
     const pc = window.__pc;
     const st = window.__st;
-    const stats = await pc.getStats();
-    let video = null; let pair = null; const byId = {};
-    stats.forEach((s) => {
-      byId[s.id] = s;
-      if (s.type === 'inbound-rtp' && s.kind === 'video') video = s;
-      if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
-    });
+    const { byId, inbound: video, nominatedPair: pair } = await window.__readStats(pc);
     const cand = (id) => (id && byId[id]
       ? { type: byId[id].candidateType, address: byId[id].address, port: byId[id].port } : null);
     return {
@@ -127,22 +108,15 @@ async function sample(page) {
   });
 }
 
-let browser;
-let exitCode = 0;
-try {
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: opts.executablePath || '/usr/bin/chromium',
-    headless: true,
-    args,
-    timeout: 30000,
-  });
+await runDriver({ userDataDir, args: BASE_ARGS, executablePath: opts.executablePath, guard },
+  async (browser) => {
   const pages = [];
   for (const p of opts.pages || []) {
     const page = await browser.newPage();
-    page.on('console', (m) => emit({ event: 'console', page: p.name, type: m.type(), text: m.text() }));
-    page.on('pageerror', (e) => emit({ event: 'pageerror', page: p.name, error: String(e) }));
+    forwardPageLogs(page, p.name);
     const health = await page.goto(`${opts.origin}/healthz`, { timeout: 15000 });
     emit({ event: 'healthz', page: p.name, status: health ? health.status() : null });
+    await installStatsReader(page);
     await page.evaluate(clientMain, p);
     pages.push({ name: p.name, page });
     // Join in order: the first page is the controller when the tokens say so.
@@ -166,12 +140,4 @@ try {
   // Let the last input messages travel before the pages close.
   await new Promise((r) => setTimeout(r, 1000));
   emit({ event: 'result', pages: last });
-} catch (e) {
-  emit({ event: 'error', error: String(e && e.stack ? e.stack : e) });
-  exitCode = 2;
-} finally {
-  clearTimeout(guard);
-  if (browser) await browser.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
-}
-process.exit(exitCode);
+});

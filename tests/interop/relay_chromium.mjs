@@ -19,40 +19,24 @@
 // RTCPeerConnection. Prints JSON lines: {"event":"gathered",...} (local candidates of the
 // offer), {"event":"whep",...}, {"event":"stats",...} samples and a final {"event":"result",...}.
 // Exits 0 when it produced a result (the Python test judges it), 2 on a harness error.
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import {
+  BASE_ARGS, driverOptions, emit, forwardPageLogs, freshUserDataDir, installStatsReader,
+  runDriver, startWatchdog,
+} from './chromium_common.mjs';
 
-const opts = JSON.parse(process.argv[2] || '{}');
-const seconds = Number(opts.seconds ?? 15);
-const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
-
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgerelay-relay-chromium-'));
+const { opts, seconds } = driverOptions(15);
+const userDataDir = freshUserDataDir('edgerelay-relay-chromium-');
 const args = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-ui-for-media-stream', '--disable-features=WebRtcHideLocalIpsWithMdns',
+  ...BASE_ARGS, '--disable-features=WebRtcHideLocalIpsWithMdns',
   ...(opts.extraArgs || []),
 ];
+const guard = startWatchdog((seconds + 45) * 1000, 'relay chromium driver watchdog fired');
 
-let browser;
-let exitCode = 0;
-const guard = setTimeout(() => {
-  emit({ event: 'error', error: 'relay chromium driver watchdog fired' });
-  process.exit(3);
-}, (seconds + 45) * 1000);
-
-try {
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: opts.executablePath || '/usr/bin/chromium',
-    headless: true,
-    args,
-    timeout: 30000,
-  });
+await runDriver({ userDataDir, args, executablePath: opts.executablePath, guard },
+  async (browser) => {
   const page = browser.pages()[0] || await browser.newPage();
-  page.on('console', (m) => emit({ event: 'console', type: m.type(), text: m.text() }));
-  page.on('pageerror', (e) => emit({ event: 'pageerror', error: String(e) }));
+  forwardPageLogs(page);
+  await installStatsReader(page);
 
   // 1. The offer, with all candidates gathered (non-trickle; bounded wait).
   const offer = await page.evaluate(async (o) => {
@@ -103,23 +87,11 @@ try {
       await new Promise((r) => setTimeout(r, 500));
       sample = await page.evaluate(async () => {
         const pc = window.__pc;
-        const stats = await pc.getStats();
-        const byId = {};
-        stats.forEach((s) => { byId[s.id] = s; });
-        let video = null; let pair = null;
-        stats.forEach((s) => {
-          if (s.type === 'inbound-rtp' && s.kind === 'video') video = s;
-        });
+        const r = await window.__readStats(pc);
+        const { byId, inbound: video } = r;
         // The selected pair: the transport's selectedCandidatePairId, else a nominated
         // succeeded pair.
-        stats.forEach((s) => {
-          if (s.type === 'transport' && s.selectedCandidatePairId) pair = byId[s.selectedCandidatePairId] || pair;
-        });
-        if (!pair) {
-          stats.forEach((s) => {
-            if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
-          });
-        }
+        const pair = r.selectedPair || r.nominatedPair;
         const cand = (id) => {
           const c = id && byId[id];
           return c ? {
@@ -151,12 +123,4 @@ try {
       emit({ event: 'delete', status: del });
     }
   }
-} catch (e) {
-  emit({ event: 'error', error: String(e && e.stack ? e.stack : e) });
-  exitCode = 2;
-} finally {
-  clearTimeout(guard);
-  if (browser) await browser.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
-}
-process.exit(exitCode);
+});

@@ -29,11 +29,11 @@ import pytest
 from conftest import (
     CHROMIUM,
     EDGE_BIN,
-    HERE,
     PUB_TOKEN,
     VIEW_TOKEN,
     attach_log,
     http_request,
+    run_node_driver,
 )
 
 def _tail(path: Path, max_chars: int = 20000) -> str:
@@ -247,37 +247,10 @@ async def run_relay_chromium(request, tmp_path: Path, whep: str, ice_servers: li
         "seconds": seconds, "minFrames": min_frames, "fullDuration": full_duration,
         "executablePath": executable, "extraArgs": extra_args or [],
     }
-    log_path = tmp_path / f"{name}.log"
-    attach_log(request, f"{name} driver output", log_path)
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(HERE / "relay_chromium.mjs"), json.dumps(opts), cwd=str(HERE),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    events: list[dict] = []
-    bound = seconds + 60
-    with open(log_path, "w") as log:
-        try:
-            async with asyncio.timeout(bound):
-                while True:
-                    line = await proc.stdout.readline()
-                    if not line:
-                        break
-                    text = line.decode(errors="replace").rstrip()
-                    log.write(text + "\n")
-                    log.flush()
-                    try:
-                        events.append(json.loads(text))
-                    except ValueError:
-                        events.append({"event": "raw", "text": text})
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"{name}: relay chromium driver did not finish within {bound}s")
-    errors = [e for e in events if e.get("event") == "error"]
-    assert not errors, f"{name}: chromium driver error: {errors[0].get('error')}"
-    results = [e for e in events if e.get("event") == "result"]
-    assert results, f"{name}: chromium driver exited {proc.returncode} without a result"
-    res = dict(results[-1])
+    events, result, _ = await run_node_driver(
+        request, tmp_path, "relay_chromium.mjs", opts, name=name, bound=seconds + 60,
+        what="relay chromium driver", prefix=f"{name}: ")
+    res = dict(result)
     res["events"] = events
     return res
 
