@@ -315,6 +315,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e),
     };
+    // TURN has loaded the certificate and key; the files are not needed any more.
+    if let Some(dir) = cfg.turn.server.tls_cert.as_ref().and_then(|c| c.parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let base = edge.base_url();
 
     // The demo's session, created like an operator would; the instance publishes with
