@@ -205,6 +205,45 @@ impl TokenBucket {
     }
 }
 
+/// The client -> peer leg shared by ChannelData and Send indications: permission,
+/// peer policy and bandwidth checks, then where the payload goes.
+fn relay_to_peer<'a>(
+    stats: &mut Stats,
+    a: &mut Allocation,
+    now: Instant,
+    peer: SocketAddr,
+    local: bool,
+    payload: &'a [u8],
+) -> Action<'a> {
+    let Some(p) = a.perm(peer.ip(), now) else {
+        stats.drop_reason("no_permission");
+        return Action::None;
+    };
+    if !local && !p.external_ok {
+        stats.drop_reason("peer_policy");
+        return Action::None;
+    }
+    if !a.bucket.take(now, payload.len() as f64) {
+        stats.quota("bandwidth");
+        return Action::None;
+    }
+    stats.relayed_to_peer(payload.len());
+    if local {
+        Action::ToLocal {
+            relay: a.relay.addr,
+            sfu: peer,
+            data: payload,
+        }
+    } else {
+        Action::ToPeer {
+            relay_id: a.relay.id,
+            relay: a.relay.addr,
+            peer,
+            data: payload,
+        }
+    }
+}
+
 struct Allocation {
     tuple: FiveTuple,
     relay: Relay,
@@ -473,33 +512,7 @@ impl Server {
             return Action::None;
         };
         let (peer, local) = (ch.peer, ch.local);
-        let Some(p) = a.perm(peer.ip(), now) else {
-            self.stats.drop_reason("no_permission");
-            return Action::None;
-        };
-        if !local && !p.external_ok {
-            self.stats.drop_reason("peer_policy");
-            return Action::None;
-        }
-        if !a.bucket.take(now, payload.len() as f64) {
-            self.stats.quota("bandwidth");
-            return Action::None;
-        }
-        self.stats.relayed_to_peer(payload.len());
-        if local {
-            Action::ToLocal {
-                relay: a.relay.addr,
-                sfu: peer,
-                data: payload,
-            }
-        } else {
-            Action::ToPeer {
-                relay_id: a.relay.id,
-                relay: a.relay.addr,
-                peer,
-                data: payload,
-            }
-        }
+        relay_to_peer(&mut self.stats, a, now, peer, local, payload)
     }
 
     fn send_indication<'a>(
@@ -520,34 +533,8 @@ impl Server {
         let Some(a) = self.slots.get_mut(i).and_then(Option::as_mut) else {
             return Action::None;
         };
-        let Some(p) = a.perm(peer.ip(), now) else {
-            self.stats.drop_reason("no_permission");
-            return Action::None;
-        };
         let local = local_peer.is_some_and(|l| l.is_local(peer));
-        if !local && !p.external_ok {
-            self.stats.drop_reason("peer_policy");
-            return Action::None;
-        }
-        if !a.bucket.take(now, payload.len() as f64) {
-            self.stats.quota("bandwidth");
-            return Action::None;
-        }
-        self.stats.relayed_to_peer(payload.len());
-        if local {
-            Action::ToLocal {
-                relay: a.relay.addr,
-                sfu: peer,
-                data: payload,
-            }
-        } else {
-            Action::ToPeer {
-                relay_id: a.relay.id,
-                relay: a.relay.addr,
-                peer,
-                data: payload,
-            }
-        }
+        relay_to_peer(&mut self.stats, a, now, peer, local, payload)
     }
 
     /// Handle a datagram that arrived on relay address `relay` from `peer`
