@@ -459,16 +459,7 @@ fn media_loop(
             let deadline = timeout.min(Instant::now() + Duration::from_millis(50));
             socket.wait(&mut rtc, deadline)?;
         }
-        // Local shutdown, drained briefly.
-        if rtc.close().is_ok() {
-            let end = Instant::now() + Duration::from_millis(200);
-            while rtc.is_alive() && Instant::now() < end {
-                let t = socket.drain(&mut rtc, &mut events)?;
-                events.clear();
-                socket.wait(&mut rtc, t.min(end))?;
-            }
-        }
-        Ok(())
+        socket.close(&mut rtc)
     })();
 
     drop(decode_tx);

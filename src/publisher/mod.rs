@@ -597,16 +597,7 @@ fn media_loop(
         socket.wait(&mut rtc, deadline)?;
     }
 
-    // Local shutdown: RTCP BYE, SCTP shutdown, DTLS close_notify; drain briefly.
-    if rtc.close().is_ok() {
-        let end = Instant::now() + Duration::from_millis(200);
-        while rtc.is_alive() && Instant::now() < end {
-            let t = socket.drain(&mut rtc, &mut events)?;
-            events.clear();
-            socket.wait(&mut rtc, t.min(end))?;
-        }
-    }
-    Ok(())
+    socket.close(&mut rtc)
 }
 
 fn send_control(rtc: &mut Rtc, id: ChannelId, msg: &str, shared: &Shared) {

@@ -53,6 +53,21 @@ impl RtcSocket {
         Ok(Instant::now())
     }
 
+    /// Local shutdown (RTCP BYE, SCTP shutdown, DTLS close_notify), then keeps
+    /// the session running for at most 200 ms so those packets leave.
+    pub fn close(&mut self, rtc: &mut Rtc) -> anyhow::Result<()> {
+        if rtc.close().is_ok() {
+            let mut events = Vec::new();
+            let end = Instant::now() + Duration::from_millis(200);
+            while rtc.is_alive() && Instant::now() < end {
+                let t = self.drain(rtc, &mut events)?;
+                events.clear();
+                self.wait(rtc, t.min(end))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for one datagram until `deadline` and hands it to `rtc`; on timeout
     /// hands `rtc` a timeout input instead. Malformed datagrams are dropped.
     pub fn wait(&mut self, rtc: &mut Rtc, deadline: Instant) -> anyhow::Result<()> {
