@@ -56,6 +56,8 @@ pub struct SfuStats {
     pub video_pauses: u64,
     /// Viewers resumed.
     pub video_resumes: u64,
+    /// str0m timeouts due within a few microseconds served without the timer heap.
+    pub immediate_reticks: u64,
 }
 
 impl SfuStats {
@@ -88,6 +90,7 @@ impl SfuStats {
             data_dropped,
             video_pauses,
             video_resumes,
+            immediate_reticks,
         );
     }
 }
