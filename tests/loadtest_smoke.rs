@@ -172,3 +172,118 @@ fn loadtest_spawned_edge_with_bench_source_measures_delay() {
         "{r}"
     );
 }
+
+/// Plain HTTP GET of `url` (`http://host:port/path`) on loopback; returns the body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
+    let dir = std::env::temp_dir().join(format!("loadtest_relay_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cfg = dir.join("edge.toml");
+    std::fs::write(
+        &cfg,
+        "[turn]\nenabled = true\n[turn.server]\nlisten_udp = [\"127.0.0.1:0\"]\n\
+         listen_tcp = []\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 0\nrelay_port_max = 0\n",
+    )
+    .expect("write config");
+    let edge = EdgeProcess::start(
+        &[
+            "--config",
+            cfg.to_str().expect("utf-8 path"),
+            "--public-ip",
+            "127.0.0.1",
+            "--publisher-token",
+            "smoke-pub",
+            "--viewer-token",
+            "smoke-view",
+        ],
+        false,
+    );
+    let http = edge.http();
+    let cache = dir.join("source.loop");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+        .args([
+            "loadtest",
+            "--whep",
+            &format!("{http}/whep/relay"),
+            "--token",
+            "smoke-view",
+            "--relay",
+            "udp",
+            "--viewers",
+            "4",
+            "--seconds",
+            "3",
+            "--settle-seconds",
+            "1",
+            "--server-pid",
+            &edge.pid().to_string(),
+            "--source-whip",
+            &format!("{http}/whip/relay"),
+            "--source-token",
+            "smoke-pub",
+            "--source-width",
+            "320",
+            "--source-height",
+            "180",
+            "--source-bitrate-kbps",
+            "500",
+            "--source-cache",
+            cache.to_str().expect("utf-8 path"),
+            "--json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("loadtest runs");
+    let metrics = http_get(&format!("{http}/metrics"));
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadtest failed: {stdout}");
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
+    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    assert_eq!(r["relay"], "udp", "{r}");
+    assert_eq!(r["join_failures"], 0, "{r}");
+    assert_eq!(r["viewers_receiving_steady"], 4, "{r}");
+    assert_eq!(r["turn_errors"], 0, "{r}");
+    assert_eq!(r["viewers_keyframe_complete"], 4, "{r}");
+    // The media really went through the TURN server: 4 allocations, and it relayed
+    // at least as many packets to the viewers as they received in the steady phase.
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        counter("edgerelay_turn_allocations_created_total"),
+        4.0,
+        "{metrics}"
+    );
+    let received = r["packets_received"].as_f64().unwrap_or(0.0);
+    assert!(received > 0.0, "{r}");
+    assert!(
+        counter("edgerelay_turn_relayed_packets_total{direction=\"to_client\"}") >= received,
+        "{metrics}"
+    );
+}

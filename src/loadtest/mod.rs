@@ -12,6 +12,7 @@ mod procstat;
 mod signal;
 mod source;
 mod swarm;
+mod turn_client;
 
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -95,10 +96,67 @@ pub struct LoadtestArgs {
     /// Cache file for the source's encoded loop (reused if present).
     #[arg(long)]
     pub source_cache: Option<PathBuf>,
+    /// Relayed viewers: every viewer reaches the edge only through the edge's built-in
+    /// TURN server (credentials from /api/ice-servers or the WHEP Link headers).
+    #[arg(long, value_enum, conflicts_with = "janus")]
+    pub relay: Option<RelayMode>,
+    /// Seconds between samples of the server's RSS in the steady phase.
+    #[arg(long, default_value_t = 1)]
+    pub rss_interval: u64,
     /// Convenience: start `edgerelay edge` on loopback as a child process and publish
     /// the bench source into it (the benches measure a separately started server).
     #[arg(long, conflicts_with_all = ["whep", "janus"])]
     pub spawn_edge: bool,
+}
+
+/// How relayed viewers reach the TURN server.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    /// TURN over UDP (Allocate, ChannelBind, ChannelData).
+    Udp,
+}
+
+/// Edge metrics read around the ramp (keyframe requests).
+const KEYFRAME_METRICS: [&str; 4] = [
+    "edgerelay_keyframe_requests_upstream_total",
+    "edgerelay_keyframe_requests_answered_by_cache_total",
+    "edgerelay_keyframe_requests_from_viewers_total",
+    "edgerelay_keyframe_requests_merged_total",
+];
+
+async fn scrape_keyframe_metrics(client: &reqwest::Client, url: Option<&str>) -> Option<[f64; 4]> {
+    let url = url?;
+    let mut out = [0.0; 4];
+    for (i, name) in KEYFRAME_METRICS.iter().enumerate() {
+        out[i] = procstat::scrape_counter(client, url, name).await.ok()?;
+    }
+    Some(out)
+}
+
+/// Least-squares slope of `(x, y)` points (y per unit of x); `None` under two points.
+pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 2 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// Most events in any window of `window` (times sorted ascending).
+pub fn max_in_window(times: &[Instant], window: Duration) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while times[hi].saturating_duration_since(times[lo]) >= window {
+            lo += 1;
+        }
+        best = best.max(hi + 1 - lo);
+    }
+    best
 }
 
 /// Most concurrent signalling exchanges.
@@ -375,6 +433,22 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         tokio::spawn(j.keepalive_loop(janus_sessions.clone(), stop_rx));
     }
 
+    // Relayed viewers: the TURN server and credentials, once for all.
+    let relay = match (args.relay, &args.whep) {
+        (Some(RelayMode::Udp), Some(whep)) => {
+            let r = signal::relay_config(&client, whep, args.token.as_deref(), local_ip).await?;
+            eprintln!("relay: TURN server {} (user {})", r.server, r.username);
+            Some(Arc::new(r))
+        }
+        (Some(_), None) => anyhow::bail!("--relay needs --whep"),
+        (None, _) => None,
+    };
+    let kf_before = scrape_keyframe_metrics(&client, metrics_url.as_deref()).await;
+    let source_kf_before = src
+        .as_ref()
+        .map(|s| s.stats.keyframe_requests.load(Ordering::Relaxed));
+    let kf_window_start = Instant::now();
+
     // Ramp.
     let counters: Vec<Arc<ViewerCounters>> = (0..args.viewers)
         .map(|_| Arc::new(ViewerCounters::default()))
@@ -390,11 +464,12 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         tokio::time::sleep_until(at).await;
         let permit = sem.clone().acquire_owned().await?;
         let tx = workers[i % nthreads].tx.clone();
-        let (client, janus, whep, token) = (
+        let (client, janus, whep, token, relay) = (
             client.clone(),
             janus.clone(),
             args.whep.clone(),
             args.token.clone(),
+            relay.clone(),
         );
         let (c, teardowns, fails, sessions) = (
             c.clone(),
@@ -408,7 +483,15 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             let r = match (&janus, &whep) {
                 (Some(j), _) => j.join(mp, local_ip, c.clone()).await,
                 (None, Some(url)) => {
-                    signal::join_whep(&client, url, token.as_deref(), local_ip, c.clone()).await
+                    signal::join_whep(
+                        &client,
+                        url,
+                        token.as_deref(),
+                        local_ip,
+                        relay.as_deref(),
+                        c.clone(),
+                    )
+                    .await
                 }
                 (None, None) => Err(anyhow::anyhow!("no target")),
             };
@@ -480,9 +563,22 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     shared.measuring.store(true, Ordering::Relaxed);
     let steady_start = Instant::now();
     let steady_end = steady_start + Duration::from_secs(args.seconds);
+    // (minutes since the steady phase began, RSS KiB)
+    let mut rss_samples: Vec<(f64, f64)> = Vec::new();
+    if let Some(s) = cpu_a {
+        rss_samples.push((0.0, s.rss_kb as f64));
+    }
+    let rss_every = Duration::from_secs(args.rss_interval.max(1));
+    let mut next_rss = steady_start + rss_every;
     while Instant::now() < steady_end {
         let left = steady_end.saturating_duration_since(Instant::now());
         tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        if Instant::now() >= next_rss || Instant::now() >= steady_end {
+            next_rss += rss_every;
+            if let Some(s) = server_sample(args.server_pid) {
+                rss_samples.push((steady_start.elapsed().as_secs_f64() / 60.0, s.rss_kb as f64));
+            }
+        }
         progress(
             args.json,
             "steady",
@@ -505,6 +601,27 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             .ok(),
         None => None,
     };
+    // Keyframe requests over ramp + steady (the edge publishes its counters a few
+    // times a second: wait for the last ones).
+    let kf_window = kf_window_start.elapsed();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let kf_after = scrape_keyframe_metrics(&client, metrics_url.as_deref()).await;
+    let source_kf_after = src
+        .as_ref()
+        .map(|s| s.stats.keyframe_requests.load(Ordering::Relaxed));
+    let source_kf_times: Vec<Instant> = src
+        .as_ref()
+        .and_then(|s| {
+            s.stats
+                .keyframe_request_times
+                .lock()
+                .ok()
+                .map(|t| t.clone())
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| *t >= kf_window_start && *t <= kf_window_start + kf_window)
+        .collect();
     if !args.json {
         eprintln!();
     }
@@ -603,6 +720,33 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let rss_steady = |kb: Option<f64>| match (rss_before, kb) {
+        (Some(a), Some(b)) if receiving > 0 => Some((b - a.rss_kb as f64) / receiving as f64),
+        _ => None,
+    };
+    let rss_start = rss_samples.first().map(|p| p.1);
+    let rss_end = rss_samples.last().map(|p| p.1);
+    let rss_slope = slope(&rss_samples);
+    let kf_delta = match (kf_before, kf_after) {
+        (Some(a), Some(b)) => {
+            let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (y - x).max(0.0)).collect();
+            json!({
+                "upstream": d[0],
+                "answered_by_cache": d[1],
+                "from_viewers": d[2],
+                "merged": d[3],
+            })
+        }
+        _ => Value::Null,
+    };
+    let kf_window_s = kf_window.as_secs_f64();
+    let keyframe_budget = (kf_window_s / 0.3).floor() + 1.0;
+    let source_gaps: Vec<f64> = source_kf_times
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]).as_secs_f64() * 1000.0)
+        .collect();
+    let min_gap_ms = source_gaps.iter().copied().reduce(f64::min);
+    let viewers_key_complete = j_kc.n;
     let loss_pct = if sum_exp > 0 {
         100.0 * sum_lost as f64 / sum_exp as f64
     } else {
@@ -627,7 +771,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             _ => Value::Null,
         };
     let opt = |v: Option<f64>| v.map_or(Value::Null, |x| json!(round3(x)));
-    let report = json!({
+    let mut report = json!({
         "server": label,
         "target": target,
         "viewers": n,
@@ -666,6 +810,30 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "source_packets_sent": source_stats.map(|s| s.0),
         "source_keyframe_requests": source_stats.map(|s| s.1),
     });
+    let extra = json!({
+        "relay": args.relay.map(|_| "udp"),
+        "turn_errors": shared.turn_errors.load(Ordering::Relaxed),
+        "viewers_keyframe_complete": viewers_key_complete,
+        "keyframe_window_seconds": round3(kf_window_s),
+        "keyframe_requests_upstream_budget_300ms": keyframe_budget,
+        "keyframe_requests_edge": kf_delta,
+        "keyframe_requests_at_source": match (source_kf_before, source_kf_after) {
+            (Some(a), Some(b)) => json!(b.saturating_sub(a)),
+            _ => Value::Null,
+        },
+        "keyframe_requests_at_source_max_per_300ms": max_in_window(&source_kf_times, Duration::from_millis(300)),
+        "keyframe_requests_at_source_min_gap_ms": opt(min_gap_ms),
+        "rss_samples": rss_samples.len(),
+        "rss_kb_steady_start": rss_start,
+        "rss_kb_steady_end": rss_end,
+        "rss_kb_per_viewer_steady_start": opt(rss_steady(rss_start)),
+        "rss_kb_per_viewer_steady_end": opt(rss_steady(rss_end)),
+        "rss_slope_kib_per_min": opt(rss_slope),
+        "rss_slope_kib_per_min_per_viewer": opt(rss_slope.filter(|_| receiving > 0).map(|s| s / receiving as f64)),
+    });
+    if let (Some(r), Value::Object(e)) = (report.as_object_mut(), extra) {
+        r.extend(e);
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -758,6 +926,47 @@ fn print_table(r: &Value) {
     );
     line(
         &mut o,
+        "server RSS per viewer steady start/end",
+        format!(
+            "{} / {} KiB, slope {} KiB/min ({} samples)",
+            r["rss_kb_per_viewer_steady_start"],
+            r["rss_kb_per_viewer_steady_end"],
+            r["rss_slope_kib_per_min"],
+            r["rss_samples"]
+        ),
+    );
+    line(
+        &mut o,
+        "viewers with a complete keyframe",
+        format!("{} of {}", r["viewers_keyframe_complete"], r["viewers"]),
+    );
+    line(
+        &mut o,
+        "keyframe requests (ramp+steady)",
+        format!(
+            "edge upstream {} (budget {} for {} s at 1/300 ms), answered by cache {}; \
+             at source {} (max {} per 300 ms, min gap {} ms)",
+            r["keyframe_requests_edge"]["upstream"],
+            r["keyframe_requests_upstream_budget_300ms"],
+            r["keyframe_window_seconds"],
+            r["keyframe_requests_edge"]["answered_by_cache"],
+            r["keyframe_requests_at_source"],
+            r["keyframe_requests_at_source_max_per_300ms"],
+            r["keyframe_requests_at_source_min_gap_ms"]
+        ),
+    );
+    if !r["relay"].is_null() {
+        line(
+            &mut o,
+            "relay (TURN)",
+            format!(
+                "{}, {} TURN errors after join",
+                r["relay"], r["turn_errors"]
+            ),
+        );
+    }
+    line(
+        &mut o,
         "load generator CPU %",
         format!("{}", r["client_cpu_pct"]),
     );
@@ -784,6 +993,19 @@ mod tests {
         assert_eq!(Pct::of(&mut []), Pct::default());
         let mut one = [7.0];
         assert_eq!(Pct::of(&mut one).p99, 7.0);
+    }
+
+    #[test]
+    fn slope_and_window_counts() {
+        assert_eq!(slope(&[(0.0, 1.0)]), None);
+        let s = slope(&[(0.0, 10.0), (1.0, 12.0), (2.0, 14.0)]).expect("slope");
+        assert!((s - 2.0).abs() < 1e-9);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let w = Duration::from_millis(300);
+        assert_eq!(max_in_window(&[], w), 0);
+        assert_eq!(max_in_window(&[at(0), at(300), at(600)], w), 1);
+        assert_eq!(max_in_window(&[at(0), at(100), at(250), at(900)], w), 3);
     }
 
     #[test]

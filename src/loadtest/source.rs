@@ -36,6 +36,8 @@ const MTU: usize = 1200;
 pub const PLAIN_RTP_PT: u8 = 96;
 /// Magic of the encoded-loop cache file.
 const CACHE_MAGIC: &[u8; 8] = b"ERLOOP01";
+/// Most keyframe request times kept.
+pub const MAX_KEYFRAME_TIMES: usize = 100_000;
 
 /// What the source sends and where.
 #[derive(Clone, Debug)]
@@ -82,6 +84,9 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     /// Keyframe requests received over WHIP.
     pub keyframe_requests: AtomicU64,
+    /// When each keyframe request arrived (the first [`MAX_KEYFRAME_TIMES`]), so the
+    /// report can check the edge's "one upstream request per 300 ms" promise.
+    pub keyframe_request_times: std::sync::Mutex<Vec<Instant>>,
     /// Whether the WHIP session is connected (true when there is no WHIP sink).
     pub connected: AtomicBool,
 }
@@ -418,6 +423,11 @@ fn send_loop(
                     }
                     Event::KeyframeRequest(_) => {
                         stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut t) = stats.keyframe_request_times.lock() {
+                            if t.len() < MAX_KEYFRAME_TIMES {
+                                t.push(Instant::now());
+                            }
+                        }
                         jump_to_key = true;
                     }
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {

@@ -18,6 +18,7 @@ use str0m::{Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 use super::h264;
 use super::source::unix_micros;
+use super::turn_client::{TurnClient, TurnEvent, TurnInput};
 
 /// Marker for "not yet" in the atomic timestamps.
 pub const NONE: u64 = u64::MAX;
@@ -30,9 +31,24 @@ const SO_RCVBUF: usize = 1 << 20;
 /// Window for duplicate detection (in sequence numbers).
 const DEDUP_WINDOW: u64 = 1024;
 
+/// One DTLS certificate shared by every viewer of the process: generating one per
+/// viewer costs the generator CPU during a join storm and measures nothing.
+fn shared_dtls_cert() -> Option<str0m::config::DtlsCert> {
+    static CERT: std::sync::OnceLock<Option<str0m::config::DtlsCert>> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+    })
+    .clone()
+}
+
 /// str0m configuration of a swarm viewer: RTP mode, H.264 (and VP8) only.
 pub fn rtc_config() -> RtcConfig {
     let mut cfg = RtcConfig::new().clear_codecs().set_rtp_mode(true);
+    if let Some(cert) = shared_dtls_cert() {
+        cfg = cfg.set_dtls_cert(cert);
+    }
     let cc = cfg.codec_config();
     cc.add_h264(Pt::from(102), Some(Pt::from(103)), true, 0x42e01f);
     cc.add_h264(Pt::from(127), Some(Pt::from(121)), true, 0x42001f);
@@ -88,6 +104,8 @@ pub struct NewViewer {
     pub requested: Instant,
     /// Where to count.
     pub counters: Arc<ViewerCounters>,
+    /// Relayed viewer: its TURN allocation (the socket talks only to the TURN server).
+    pub turn: Option<TurnClient>,
 }
 
 /// State shared by the controller and all workers.
@@ -97,6 +115,8 @@ pub struct SwarmShared {
     pub stop: AtomicBool,
     /// Collect delay samples (the steady phase).
     pub measuring: AtomicBool,
+    /// TURN requests of relayed viewers that failed after the join (refreshes).
+    pub turn_errors: AtomicU64,
 }
 
 /// A running worker thread; `join` returns its one-way delay samples in microseconds.
@@ -143,7 +163,11 @@ enum KeyState {
 struct Viewer {
     rtc: Rtc,
     socket: UdpSocket,
+    /// The local candidate's address: the socket's, or the relayed address.
     local: SocketAddr,
+    turn: Option<TurnClient>,
+    /// Encoding buffer of a relayed viewer.
+    scratch: Vec<u8>,
     timeout: Instant,
     requested: Instant,
     c: Arc<ViewerCounters>,
@@ -287,7 +311,16 @@ impl Viewer {
                     return;
                 }
                 Output::Transmit(t) => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                    let r = match &self.turn {
+                        Some(tc) => {
+                            if !tc.encode_to_peer(t.destination, &t.contents, &mut self.scratch) {
+                                continue;
+                            }
+                            self.socket.send_to(&self.scratch, tc.server())
+                        }
+                        None => self.socket.send_to(&t.contents, t.destination),
+                    };
+                    if let Err(e) = r {
                         tracing::trace!("viewer send: {e}");
                     }
                 }
@@ -303,6 +336,24 @@ impl Viewer {
             }
         }
         self.timeout = Instant::now() + TICK;
+    }
+
+    /// Sends what the TURN client queued and counts its failures.
+    fn flush_turn(&mut self, shared: &SwarmShared) {
+        let Some(tc) = self.turn.as_mut() else {
+            return;
+        };
+        while let Some(d) = tc.poll_transmit() {
+            if let Err(e) = self.socket.send_to(&d, tc.server()) {
+                tracing::trace!("viewer TURN send: {e}");
+            }
+        }
+        while let Some(ev) = tc.poll_event() {
+            if let TurnEvent::Failed(why) = ev {
+                shared.turn_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("viewer TURN: {why}");
+            }
+        }
     }
 
     fn fail(&mut self) {
@@ -348,7 +399,21 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
                 match v.socket.recv_from(&mut buf) {
                     Ok((n, source)) => {
                         let now = Instant::now();
-                        let Ok(r) = Receive::new(Protocol::Udp, source, v.local, &buf[..n]) else {
+                        let (source, data): (SocketAddr, &[u8]) = match v.turn.as_mut() {
+                            None => (source, &buf[..n]),
+                            Some(tc) if source == tc.server() => {
+                                match tc.handle_input(now, &buf[..n]) {
+                                    TurnInput::Peer(peer, data) => (peer, data),
+                                    TurnInput::Consumed => {
+                                        v.flush_turn(shared);
+                                        continue;
+                                    }
+                                    TurnInput::Ignored => continue,
+                                }
+                            }
+                            Some(_) => continue,
+                        };
+                        let Ok(r) = Receive::new(Protocol::Udp, source, v.local, data) else {
                             continue;
                         };
                         if let Err(e) = v.rtc.handle_input(Input::Receive(now, r)) {
@@ -367,7 +432,16 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + TICK;
-            for v in viewers.iter_mut().filter(|v| !v.dead && v.timeout <= now) {
+            for v in viewers.iter_mut().filter(|v| !v.dead) {
+                if let Some(tc) = v.turn.as_mut() {
+                    if tc.poll_timeout().is_some_and(|t| t <= now) {
+                        tc.handle_timeout(now);
+                        v.flush_turn(shared);
+                    }
+                }
+                if v.timeout > now {
+                    continue;
+                }
                 if let Err(e) = v.rtc.handle_input(Input::Timeout(now)) {
                     tracing::debug!("viewer timeout: {e}");
                 }
@@ -391,7 +465,10 @@ fn add_viewer(
     nv: NewViewer,
     delays: &mut Vec<u32>,
 ) -> anyhow::Result<()> {
-    let local = nv.socket.local_addr()?;
+    let local = match nv.turn.as_ref().and_then(TurnClient::relayed) {
+        Some(relayed) => relayed,
+        None => nv.socket.local_addr()?,
+    };
     nv.socket.set_nonblocking(true)?;
     let sock2 = socket2::SockRef::from(&nv.socket);
     let _ = sock2.set_recv_buffer_size(SO_RCVBUF);
@@ -403,6 +480,8 @@ fn add_viewer(
         rtc: nv.rtc,
         socket,
         local,
+        turn: nv.turn,
+        scratch: Vec::new(),
         timeout: Instant::now(),
         requested: nv.requested,
         c: nv.counters,
@@ -428,6 +507,8 @@ mod tests {
             rtc: rtc_config().build(Instant::now()),
             socket: UdpSocket::from_std(s),
             local,
+            turn: None,
+            scratch: Vec::new(),
             timeout: Instant::now(),
             requested: Instant::now(),
             c: Arc::new(ViewerCounters::default()),

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Relayed vs direct viewers: one edge with the built-in TURN server enabled on loopback,
+# the same cached 2 Mbit/s H.264 stream, and two `edgerelay loadtest` runs side by side:
+# N direct viewers, then N viewers that reach the edge only through its TURN server
+# (`--relay udp`: Allocate, ChannelBind, ChannelData; str0m offers only the relayed
+# candidate). Server CPU is the edge process's (all threads), so it includes the TURN
+# thread's work. Prints
+#   RESULT mode=direct|relay n=.. us_per_pkt=.. loss_pct=.. server_cpu_pct=.. rss_kb_per_viewer=..
+#   RATIO relay/direct=..
+#
+# Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
+# The bench config raises the TURN quota per user (every WHEP viewer's REST username
+# shares one quota user) and the total allocation cap; nothing else differs from the
+# defaults. The SFU is a peer the TURN server always allows (in-process hand-off), so no
+# loopback-peer exception is needed.
+set -euo pipefail
+
+N=${N:-200}
+STEADY=${STEADY:-15}
+JOIN_RATE=${JOIN_RATE:-50}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${EDGERELAY_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --bin edgerelay >&2)
+  EDGERELAY_BIN="$ROOT/target/release/edgerelay"
+fi
+TMP=$(mktemp -d /tmp/edgerelay-relay.XXXXXX)
+EDGE_PID=
+cleanup() {
+  if [ -n "$EDGE_PID" ]; then kill "$EDGE_PID" 2>/dev/null || true; wait "$EDGE_PID" 2>/dev/null || true; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cat > "$TMP/edge.toml" <<TOML
+[node]
+id = "relay-bench"
+[http]
+listen = "127.0.0.1:0"
+[auth]
+publisher_tokens = ["rb-publisher-token"]
+viewer_tokens = ["rb-viewer-token"]
+[turn]
+enabled = true
+[turn.server]
+listen_udp = ["127.0.0.1:0"]
+listen_tcp = []
+relay_ip = "127.0.0.1"
+relay_port_min = 0
+relay_port_max = 0
+max_allocations_per_user = $((N + 16))
+max_allocations = $((N + 64))
+TOML
+"$EDGERELAY_BIN" edge --config "$TMP/edge.toml" --media-listen 127.0.0.1:0 --public-ip 127.0.0.1 \
+  >"$TMP/edge.out" 2>"$TMP/edge.err" &
+EDGE_PID=$!
+for _ in $(seq 100); do grep -q EDGERELAY_READY "$TMP/edge.out" 2>/dev/null && break; sleep 0.1; done
+HTTP=$(grep -o 'http=[^ ]*' "$TMP/edge.out" | head -1 | cut -d= -f2)
+[ -n "$HTTP" ] || { echo "edge did not start:"; cat "$TMP/edge.err"; exit 1; }
+
+run_mode() {
+  local mode=$1 extra=()
+  [ "$mode" = relay ] && extra=(--relay udp)
+  # Each mode publishes its own room, so the runs do not share state.
+  timeout $((STEADY + N / JOIN_RATE + 120)) "$EDGERELAY_BIN" loadtest \
+    --whep "$HTTP/whep/$mode" --token rb-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
+    --seconds "$STEADY" --server-pid "$EDGE_PID" "${extra[@]}" \
+    --source-whip "$HTTP/whip/$mode" --source-token rb-publisher-token \
+    --source-cache "$TMP/source.cache" --json >"$TMP/$mode.json" 2>"$TMP/$mode.err" || true
+  python3 - "$TMP/$mode.json" "$mode" "$N" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"RESULT mode={sys.argv[2]} n={sys.argv[3]} error={e!r}")
+    sys.exit(0)
+print(f"RESULT mode={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']} "
+      f"loss_pct={r['loss_pct']} server_cpu_pct={r['server_cpu_pct']} "
+      f"rss_kb_per_viewer={r['rss_kb_per_viewer']} receiving={r['viewers_receiving_steady']} "
+      f"join_failures={r['join_failures']} turn_errors={r.get('turn_errors')} "
+      f"client_cpu_pct={r['client_cpu_pct']}")
+if r.get("join_failure_sample"):
+    print(f"  first join failure: {r['join_failure_sample']}")
+PY
+}
+
+{
+  run_mode direct
+  run_mode relay
+} | tee "$TMP/results"
+# The TURN thread's counters, as a check that media really went through it.
+curl -s "$HTTP/metrics" | grep -E '^edgerelay_turn_(allocations|relayed_packets_total)' || true
+
+python3 - "$TMP/results" <<'PY'
+import re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"RESULT mode=(\S+) n=\S+ us_per_pkt=([0-9.]+)", line)
+    if m:
+        rows[m.group(1)] = float(m.group(2))
+if "direct" in rows and "relay" in rows and rows["direct"] > 0:
+    print(f"RATIO relay/direct={rows['relay'] / rows['direct']:.2f}")
+else:
+    print("RATIO relay/direct=unavailable")
+PY
