@@ -59,6 +59,8 @@ timeout $((STEADY + N / JOIN_RATE + 150)) "$EDGERELAY_BIN" loadtest \
   --source-whip "$HTTP/whip/storm" --source-token js-publisher-token \
   --source-bitrate-kbps "$BITRATE_KBPS" \
   --source-cache "$TMP/source-$BITRATE_KBPS.cache" --json >"$TMP/result.json" 2>"$TMP/loadtest.err" || true
+# RESULT_JSON=path keeps the full loadtest report.
+[ -z "${RESULT_JSON:-}" ] || cp "$TMP/result.json" "$RESULT_JSON" 2>/dev/null || true
 
 python3 - "$TMP/result.json" "$N" <<'PY'
 import json, sys
@@ -73,7 +75,7 @@ print(json.dumps({k: r[k] for k in (
     "viewers", "viewers_received_any", "viewers_receiving_steady", "join_failures",
     "join_failure_sample", "ramp_seconds", "keyframe_window_seconds",
     "join_ms_first_rtp", "join_ms_first_keyframe", "join_ms_keyframe_complete",
-    "keyframe_requests_edge", "keyframe_requests_at_source",
+    "keyframe_requests_edge", "edge_counters_delta", "keyframe_requests_at_source",
     "keyframe_requests_at_source_max_per_300ms", "keyframe_requests_at_source_min_gap_ms",
     "loss_pct", "server_cpu_pct", "client_cpu_pct", "us_per_pkt")}, indent=1))
 print(f"RESULT n={r['viewers']} held={r['viewers_receiving_steady']} "
@@ -83,5 +85,7 @@ print(f"RESULT n={r['viewers']} held={r['viewers_receiving_steady']} "
       f"budget_300ms={r['keyframe_requests_upstream_budget_300ms']} "
       f"source_kf_requests={r['keyframe_requests_at_source']} "
       f"source_kf_max_per_300ms={r['keyframe_requests_at_source_max_per_300ms']} "
+      f"starts_from_cache={(r.get('edge_counters_delta') or {}).get('viewer_starts_from_cache')} "
+      f"video_pauses={(r.get('edge_counters_delta') or {}).get('video_pauses')} "
       f"ramp_s={r['ramp_seconds']} loss_pct={r['loss_pct']} join_failures={r['join_failures']}")
 PY

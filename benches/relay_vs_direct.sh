@@ -68,6 +68,8 @@ run_mode() {
     --seconds "$STEADY" --server-pid "$EDGE_PID" "${extra[@]}" \
     --source-whip "$HTTP/whip/$mode" --source-token rb-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$TMP/$mode.json" 2>"$TMP/$mode.err" || true
+  # RESULT_JSON=prefix keeps the full reports (prefix-direct.json, prefix-relay.json).
+  [ -z "${RESULT_JSON:-}" ] || cp "$TMP/$mode.json" "$RESULT_JSON-$mode.json" 2>/dev/null || true
   python3 - "$TMP/$mode.json" "$mode" "$N" <<'PY'
 import json, sys
 try:

@@ -54,6 +54,8 @@ timeout $((DURATION + N / JOIN_RATE + 120)) "$EDGERELAY_BIN" loadtest \
   --seconds "$DURATION" --rss-interval "$RSS_INTERVAL" --server-pid "$EDGE_PID" \
   --source-whip "$HTTP/whip/soak" --source-token soak-publisher-token \
   --source-cache "$TMP/source.cache" --json >"$TMP/result.json" 2>"$TMP/loadtest.err" || true
+# RESULT_JSON=path keeps the full loadtest report.
+[ -z "${RESULT_JSON:-}" ] || cp "$TMP/result.json" "$RESULT_JSON" 2>/dev/null || true
 
 python3 - "$TMP/result.json" "$N" "$DURATION" <<'PY'
 import json, sys

@@ -116,21 +116,49 @@ pub enum RelayMode {
     Udp,
 }
 
-/// Edge metrics read around the ramp (keyframe requests).
-const KEYFRAME_METRICS: [&str; 4] = [
-    "edgerelay_keyframe_requests_upstream_total",
-    "edgerelay_keyframe_requests_answered_by_cache_total",
-    "edgerelay_keyframe_requests_from_viewers_total",
-    "edgerelay_keyframe_requests_merged_total",
+/// Edge counters read before the ramp and after the steady phase: (report key, metric).
+/// The first four are the keyframe requests the join storm checks.
+const EDGE_COUNTERS: [(&str, &str); 9] = [
+    ("upstream", "edgerelay_keyframe_requests_upstream_total"),
+    (
+        "answered_by_cache",
+        "edgerelay_keyframe_requests_answered_by_cache_total",
+    ),
+    (
+        "from_viewers",
+        "edgerelay_keyframe_requests_from_viewers_total",
+    ),
+    ("merged", "edgerelay_keyframe_requests_merged_total"),
+    (
+        "viewer_starts_from_cache",
+        "edgerelay_viewer_starts_from_cache_total",
+    ),
+    ("video_pauses", "edgerelay_video_pauses_total"),
+    ("video_resumes", "edgerelay_video_resumes_total"),
+    ("packets_replayed", "edgerelay_packets_replayed_total"),
+    ("dropped_packets", "edgerelay_dropped_packets_total"),
 ];
 
-async fn scrape_keyframe_metrics(client: &reqwest::Client, url: Option<&str>) -> Option<[f64; 4]> {
-    let url = url?;
-    let mut out = [0.0; 4];
-    for (i, name) in KEYFRAME_METRICS.iter().enumerate() {
-        out[i] = procstat::scrape_counter(client, url, name).await.ok()?;
-    }
-    Some(out)
+/// One scrape of [`EDGE_COUNTERS`] (a missing metric reads as absent).
+async fn scrape_edge_counters(
+    client: &reqwest::Client,
+    url: Option<&str>,
+) -> Option<Vec<Option<f64>>> {
+    let text = client
+        .get(url?)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        EDGE_COUNTERS
+            .iter()
+            .map(|(_, m)| procstat::parse_counter(&text, m))
+            .collect(),
+    )
 }
 
 /// Least-squares slope of `(x, y)` points (y per unit of x); `None` under two points.
@@ -443,7 +471,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         (Some(_), None) => anyhow::bail!("--relay needs --whep"),
         (None, _) => None,
     };
-    let kf_before = scrape_keyframe_metrics(&client, metrics_url.as_deref()).await;
+    let kf_before = scrape_edge_counters(&client, metrics_url.as_deref()).await;
     let source_kf_before = src
         .as_ref()
         .map(|s| s.stats.keyframe_requests.load(Ordering::Relaxed));
@@ -605,7 +633,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     // times a second: wait for the last ones).
     let kf_window = kf_window_start.elapsed();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let kf_after = scrape_keyframe_metrics(&client, metrics_url.as_deref()).await;
+    let kf_after = scrape_edge_counters(&client, metrics_url.as_deref()).await;
     let source_kf_after = src
         .as_ref()
         .map(|s| s.stats.keyframe_requests.load(Ordering::Relaxed));
@@ -727,17 +755,23 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let rss_start = rss_samples.first().map(|p| p.1);
     let rss_end = rss_samples.last().map(|p| p.1);
     let rss_slope = slope(&rss_samples);
-    let kf_delta = match (kf_before, kf_after) {
+    let (kf_delta, edge_delta) = match (kf_before, kf_after) {
         (Some(a), Some(b)) => {
-            let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (y - x).max(0.0)).collect();
-            json!({
-                "upstream": d[0],
-                "answered_by_cache": d[1],
-                "from_viewers": d[2],
-                "merged": d[3],
-            })
+            let mut m = serde_json::Map::new();
+            for (((key, _), x), y) in EDGE_COUNTERS.iter().zip(&a).zip(&b) {
+                let d = match (x, y) {
+                    (Some(x), Some(y)) => json!((y - x).max(0.0)),
+                    _ => Value::Null,
+                };
+                m.insert((*key).to_owned(), d);
+            }
+            let kf: serde_json::Map<String, Value> = EDGE_COUNTERS[..4]
+                .iter()
+                .filter_map(|(k, _)| Some(((*k).to_owned(), m.get(*k)?.clone())))
+                .collect();
+            (Value::Object(kf), Value::Object(m))
         }
-        _ => Value::Null,
+        _ => (Value::Null, Value::Null),
     };
     let kf_window_s = kf_window.as_secs_f64();
     let keyframe_budget = (kf_window_s / 0.3).floor() + 1.0;
@@ -817,6 +851,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "keyframe_window_seconds": round3(kf_window_s),
         "keyframe_requests_upstream_budget_300ms": keyframe_budget,
         "keyframe_requests_edge": kf_delta,
+        "edge_counters_delta": edge_delta,
         "keyframe_requests_at_source": match (source_kf_before, source_kf_after) {
             (Some(a), Some(b)) => json!(b.saturating_sub(a)),
             _ => Value::Null,
@@ -953,6 +988,18 @@ fn print_table(r: &Value) {
             r["keyframe_requests_at_source"],
             r["keyframe_requests_at_source_max_per_300ms"],
             r["keyframe_requests_at_source_min_gap_ms"]
+        ),
+    );
+    let ec = &r["edge_counters_delta"];
+    line(
+        &mut o,
+        "edge: starts from cache / pauses",
+        format!(
+            "{} viewer starts from the cached GOP, {} video pauses / {} resumes (BWE), {} replayed",
+            ec["viewer_starts_from_cache"],
+            ec["video_pauses"],
+            ec["video_resumes"],
+            ec["packets_replayed"]
         ),
     );
     if !r["relay"].is_null() {
