@@ -4,11 +4,15 @@
 # 2 Mbit/s H.264 stream, on loopback. For each variant it prints the loadtest figures and
 # one line
 #   RESULT variant=... n=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
-# and at the end the ratio of each variant to the baseline (one datagram per syscall).
+#          gso_segs_per_send=... fanout_p50_le_ms=... fanout_p99_le_ms=...
+# (the last three from the edge's /metrics at the end of the run; the fan-out delay
+# quantiles are bucket upper bounds, over the whole run), and at the end the ratio of
+# each variant to the baseline (one datagram per syscall).
 #
 # Variants (edge.toml fragments):
 #   baseline      [media] batch_io = false          one system call per datagram
-#   batched       defaults                          recvmmsg/sendmmsg (the shipped default)
+#   batched_nogso [media] gso = false               recvmmsg/sendmmsg, one datagram per message
+#   batched       defaults                          recvmmsg/sendmmsg + UDP GSO (the shipped default)
 #   batched_nobwe [sfu] bwe = false                 no per-viewer bandwidth estimation
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
@@ -52,23 +56,49 @@ TOML
     --seconds "$STEADY" --server-pid "$pid" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
+  curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  python3 - "$dir/result.json" "$name" "$N" <<'PY'
-import json, sys
+  python3 - "$dir/result.json" "$name" "$N" "$dir/metrics" <<'PY'
+import json, re, sys
 try:
     r = json.load(open(sys.argv[1]))
 except Exception as e:
     print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} error={e!r}")
     sys.exit(0)
+m = {}
+buckets = []
+try:
+    for line in open(sys.argv[4]):
+        x = re.match(r'(edgerelay_media_\w+?)(\{le="([^"]+)"\})? (\S+)$', line)
+        if not x:
+            continue
+        if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
+            buckets.append((float(x.group(3)), float(x.group(4))))
+        else:
+            m[x.group(1)] = float(x.group(4))
+except OSError:
+    pass
+sends = m.get("edgerelay_media_gso_sends_total", 0)
+segs = f"{m.get('edgerelay_media_gso_segments_total', 0) / sends:.2f}" if sends else "0"
+def quantile(q):
+    # Upper bound of the bucket holding the q-quantile (whole run, joins included).
+    if not buckets or buckets[-1][1] == 0:
+        return "na"
+    for le, n in buckets:
+        if n >= q * buckets[-1][1]:
+            return "inf" if le == float("inf") else f"{le * 1000:g}"
+    return "na"
 print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']} "
       f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
-      f"server_cpu_pct={r['server_cpu_pct']}")
+      f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} "
+      f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)}")
 PY
 }
 
 {
   run_variant baseline $'[media]\nbatch_io = false'
+  run_variant batched_nogso $'[media]\ngso = false'
   run_variant batched ''
   run_variant batched_nobwe $'[sfu]\nbwe = false'
 } | tee "$TMP/results"

@@ -83,6 +83,10 @@ pub struct MediaConfig {
     /// Batched socket I/O (recvmmsg/sendmmsg). `false` is one system call per
     /// datagram, kept as the baseline for benchmarks.
     pub batch_io: bool,
+    /// UDP GSO (Linux `UDP_SEGMENT`): a run of packets to one viewer goes
+    /// through the kernel's IP stack once. Used when the kernel supports it;
+    /// `false` sends every datagram on its own (inside the same `sendmmsg`).
+    pub gso: bool,
     /// Media threads (shards): each owns a UDP port (`listen`'s port, then the
     /// next ones) and the rooms hashed to it. 0 = one per CPU.
     pub threads: usize,
@@ -94,6 +98,7 @@ impl Default for MediaConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             public_ips: Vec::new(),
             batch_io: true,
+            gso: true,
             threads: 1,
         }
     }

@@ -1,17 +1,178 @@
 //! Batched UDP I/O for the media thread: one `ppoll` to wait, one `recvmmsg`
-//! for up to [`BATCH`] datagrams, one `sendmmsg` for up to [`BATCH`] datagrams
+//! for up to [`BATCH`] datagrams, one `sendmmsg` for up to [`BATCH`] messages
 //! to any mix of destinations. The fan-out of one packet to N viewers costs
-//! N/[`BATCH`] syscalls instead of N. Other platforms fall back to one call per
-//! datagram.
+//! N/[`BATCH`] syscalls instead of N. With UDP GSO (Linux `UDP_SEGMENT`), a run
+//! of consecutive datagrams to one destination of one size (the last may be
+//! shorter) is one message of that `sendmmsg`: the kernel walks the IP stack
+//! once for the run and cuts it into datagrams at the end. Other platforms fall
+//! back to one call per datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-/// Datagrams per system call.
+/// Messages per system call.
 pub const BATCH: usize = 64;
 /// Largest datagram accepted (bigger ones are truncated and dropped by the SFU).
 pub const MAX_DATAGRAM: usize = 2048;
+/// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS` is 64 before 6.11).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most payload bytes in one GSO message: an IPv4 datagram's 65,535 bytes less
+/// the IP and UDP headers (IPv6 allows 20 more; one bound keeps it simple).
+pub const GSO_MAX_BYTES: usize = 65_535 - 20 - 8;
+
+/// A run of consecutive datagrams (in send order) that go out as one message:
+/// `count` datagrams from `start`, each `segment` bytes except possibly the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Index of the first datagram.
+    pub start: usize,
+    /// Datagrams in the run (1: a plain send).
+    pub count: usize,
+    /// The segment size: the first datagram's length.
+    pub segment: usize,
+}
+
+/// Splits datagrams, given as (destination, length) in send order, into runs
+/// for GSO: a run continues while the destination is the same, the length
+/// equals the first one's (one shorter datagram may end it), there are at most
+/// `max_segments` datagrams and at most [`GSO_MAX_BYTES`] bytes. `runs` is
+/// cleared and refilled (a reused buffer: no allocation per packet).
+pub fn gso_runs(
+    items: impl IntoIterator<Item = (SocketAddr, usize)>,
+    max_segments: usize,
+    runs: &mut Vec<Run>,
+) {
+    runs.clear();
+    // The run being built: its destination, bytes so far and whether a short datagram ended it.
+    let mut cur: Option<(SocketAddr, Run, usize, bool)> = None;
+    for (i, (dest, len)) in items.into_iter().enumerate() {
+        if let Some((d, run, bytes, closed)) = &mut cur {
+            if !*closed
+                && *d == dest
+                && run.count < max_segments
+                && len > 0
+                && len <= run.segment
+                && *bytes + len <= GSO_MAX_BYTES
+            {
+                run.count += 1;
+                *bytes += len;
+                *closed = len < run.segment;
+                continue;
+            }
+            runs.push(*run);
+        }
+        let run = Run {
+            start: i,
+            count: 1,
+            segment: len,
+        };
+        cur = Some((dest, run, len, false));
+    }
+    if let Some((_, run, _, _)) = cur {
+        runs.push(run);
+    }
+}
+
+/// What one [`Sender::send`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendReport {
+    /// Datagrams that could not be sent.
+    pub failed: usize,
+    /// GSO messages sent (runs of two or more datagrams).
+    pub gso_sends: usize,
+    /// Datagrams sent inside those GSO messages.
+    pub gso_segments: usize,
+}
+
+/// UDP GSO on a socket: off (not asked for, unsupported, or failed), not yet
+/// tried, or known to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gso {
+    Off,
+    Untested,
+    On,
+}
+
+/// The send side of a media socket: turns a flush's datagrams into as few
+/// `sendmmsg` calls (and, with GSO, as few trips through the IP stack) as it
+/// can. Keeps its buffers between calls.
+pub struct Sender {
+    gso: Gso,
+    group: bool,
+    runs: Vec<Run>,
+    order: Vec<usize>,
+    #[cfg(target_os = "linux")]
+    scratch: imp::Scratch,
+}
+
+impl Sender {
+    /// A sender for `sock`. With `gso`, UDP GSO is used when the kernel has it
+    /// (probed now; a send failing with EIO/EINVAL before any GSO send worked
+    /// turns it off). With `group`, each call first orders its datagrams by
+    /// destination (stable: one destination's datagrams keep their order), so
+    /// interleaved datagrams to one viewer still form runs.
+    pub fn new(sock: &UdpSocket, gso: bool, group: bool) -> Sender {
+        let gso = if !gso {
+            Gso::Off
+        } else if imp::gso_supported(sock) {
+            Gso::Untested
+        } else {
+            tracing::warn!("UDP GSO (UDP_SEGMENT) not supported here: plain sendmmsg");
+            Gso::Off
+        };
+        Sender {
+            gso,
+            group,
+            runs: Vec::with_capacity(BATCH * 4),
+            order: Vec::with_capacity(BATCH * 4),
+            #[cfg(target_os = "linux")]
+            scratch: imp::Scratch::default(),
+        }
+    }
+
+    /// True while GSO is in use (asked for, supported and not failed).
+    pub fn gso_active(&self) -> bool {
+        self.gso != Gso::Off
+    }
+
+    /// Sends every datagram, in order per destination.
+    pub fn send(&mut self, sock: &UdpSocket, items: &[(SocketAddr, &[u8])]) -> SendReport {
+        let mut report = SendReport::default();
+        if items.is_empty() {
+            return report;
+        }
+        self.order.clear();
+        self.order.extend(0..items.len());
+        if self.group && self.gso != Gso::Off {
+            // The index in the key makes the unstable sort stable (and allocation-free).
+            self.order.sort_unstable_by_key(|&i| (items[i].0, i));
+        }
+        let max = if self.gso == Gso::Off {
+            1
+        } else {
+            GSO_MAX_SEGMENTS
+        };
+        gso_runs(
+            self.order.iter().map(|&i| (items[i].0, items[i].1.len())),
+            max,
+            &mut self.runs,
+        );
+        #[cfg(target_os = "linux")]
+        imp::send_runs(
+            sock,
+            items,
+            &self.order,
+            &self.runs,
+            &mut self.scratch,
+            &mut self.gso,
+            &mut report,
+        );
+        #[cfg(not(target_os = "linux"))]
+        imp::send_runs(sock, items, &self.order, &self.runs, &mut report);
+        report
+    }
+}
 
 /// Receive buffers for one batch.
 pub struct RecvBatch {
@@ -176,51 +337,157 @@ mod imp {
         Ok(n)
     }
 
-    /// Sends every datagram, [`BATCH`] per call; returns how many failed.
-    pub fn send_batch(sock: &UdpSocket, items: &[(SocketAddr, &[u8])]) -> usize {
-        let mut failed = 0;
-        // SAFETY: zeroed plain-old-data C structs.
-        let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for chunk in items.chunks(BATCH) {
-            for (i, (dest, data)) in chunk.iter().enumerate() {
-                let len = to_sockaddr(dest, &mut names[i]);
-                iovs[i] = libc::iovec {
-                    iov_base: data.as_ptr() as *mut libc::c_void,
-                    iov_len: data.len(),
-                };
-                msgs[i] = unsafe { zeroed() };
-                msgs[i].msg_hdr.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
-                msgs[i].msg_hdr.msg_namelen = len;
-                msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-                msgs[i].msg_hdr.msg_iovlen = 1;
+    /// True if the kernel accepts `UDP_SEGMENT` on this socket (setting the
+    /// socket-wide segment size to 0 leaves GSO off for plain sends).
+    pub fn gso_supported(sock: &UdpSocket) -> bool {
+        let zero: libc::c_int = 0;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                &zero as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    }
+
+    /// Room for one `UDP_SEGMENT` control message (CMSG_SPACE(2) is 24 on 64-bit).
+    type CmsgBuf = [u64; 4];
+
+    /// The C structures of one `sendmmsg`, kept between calls.
+    pub struct Scratch {
+        names: Vec<libc::sockaddr_storage>,
+        cmsgs: Vec<CmsgBuf>,
+        msgs: Vec<libc::mmsghdr>,
+        iovs: Vec<libc::iovec>,
+    }
+
+    impl Default for Scratch {
+        fn default() -> Self {
+            Scratch {
+                // SAFETY: zeroed plain-old-data C structs.
+                names: vec![unsafe { zeroed() }; BATCH],
+                cmsgs: vec![[0; 4]; BATCH],
+                // SAFETY: as above.
+                msgs: vec![unsafe { zeroed() }; BATCH],
+                iovs: Vec::with_capacity(BATCH * GSO_MAX_SEGMENTS),
+            }
+        }
+    }
+
+    /// Sends `runs` (over `items` in `order`), [`BATCH`] messages per call.
+    pub(super) fn send_runs(
+        sock: &UdpSocket,
+        items: &[(SocketAddr, &[u8])],
+        order: &[usize],
+        runs: &[Run],
+        sc: &mut Scratch,
+        gso: &mut Gso,
+        report: &mut SendReport,
+    ) {
+        for chunk in runs.chunks(BATCH) {
+            // Every iovec first, so the pointers taken below stay valid.
+            sc.iovs.clear();
+            for run in chunk {
+                for &i in &order[run.start..run.start + run.count] {
+                    let data = items[i].1;
+                    sc.iovs.push(libc::iovec {
+                        iov_base: data.as_ptr() as *mut libc::c_void,
+                        iov_len: data.len(),
+                    });
+                }
+            }
+            let mut first_iov = 0;
+            for (m, run) in chunk.iter().enumerate() {
+                // SAFETY: zeroed plain-old-data C structs.
+                sc.names[m] = unsafe { zeroed() };
+                // SAFETY: as above.
+                sc.msgs[m] = unsafe { zeroed() };
+                let len = to_sockaddr(&items[order[run.start]].0, &mut sc.names[m]);
+                let hdr = &mut sc.msgs[m].msg_hdr;
+                hdr.msg_name = &mut sc.names[m] as *mut _ as *mut libc::c_void;
+                hdr.msg_namelen = len;
+                // SAFETY: first_iov + run.count <= iovs.len() (one pushed per datagram above).
+                hdr.msg_iov = unsafe { sc.iovs.as_mut_ptr().add(first_iov) };
+                hdr.msg_iovlen = run.count as _;
+                first_iov += run.count;
+                if run.count > 1 {
+                    // The payload is the run's iovecs back to back; the kernel cuts it
+                    // into `segment`-byte datagrams (no copy into one buffer needed).
+                    let buf = &mut sc.cmsgs[m];
+                    *buf = [0; 4];
+                    // SAFETY: buf is 32 bytes, 8-aligned, more than CMSG_SPACE(2); the
+                    // header and its u16 payload are written inside it.
+                    unsafe {
+                        let c = buf.as_mut_ptr() as *mut libc::cmsghdr;
+                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as _) as _;
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c) as *mut u16,
+                            run.segment as u16,
+                        );
+                        hdr.msg_control = buf.as_mut_ptr() as *mut libc::c_void;
+                        hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as _) as _;
+                    }
+                }
             }
             let mut off = 0;
             while off < chunk.len() {
-                // SAFETY: msgs[off..chunk.len()] were filled above and point at live data.
+                // SAFETY: msgs[off..chunk.len()] were filled above and point at live
+                // names, control buffers, iovecs and payloads.
                 let n = unsafe {
                     libc::sendmmsg(
                         sock.as_raw_fd(),
-                        msgs.as_mut_ptr().add(off),
+                        sc.msgs.as_mut_ptr().add(off),
                         (chunk.len() - off) as libc::c_uint,
                         0,
                     )
                 };
-                if n <= 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
+                if n > 0 {
+                    let n = n as usize;
+                    for run in &chunk[off..off + n] {
+                        if run.count > 1 {
+                            report.gso_sends += 1;
+                            report.gso_segments += run.count;
+                            *gso = Gso::On;
+                        }
                     }
-                    // The message at `off` failed (unreachable, buffer full): skip it.
-                    failed += 1;
-                    off += 1;
-                } else {
-                    off += n as usize;
+                    off += n;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The message at `off` failed (unreachable, buffer full): skip it.
+                let run = chunk[off];
+                off += 1;
+                let refused = matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL));
+                if run.count == 1 || !refused {
+                    report.failed += run.count;
+                    continue;
+                }
+                // The kernel or the device refused the GSO message. EIO (no checksum
+                // offload on the way out) always turns GSO off; EINVAL does if GSO never
+                // worked (afterwards it is one odd run, e.g. a segment over the MTU).
+                if *gso == Gso::Untested || e.raw_os_error() == Some(libc::EIO) {
+                    if *gso != Gso::Off {
+                        tracing::warn!("UDP GSO send refused ({e}): plain sendmmsg from now on");
+                    }
+                    *gso = Gso::Off;
+                }
+                for &i in &order[run.start..run.start + run.count] {
+                    let (dest, data) = items[i];
+                    if sock.send_to(data, dest).is_err() {
+                        report.failed += 1;
+                    }
                 }
             }
         }
-        failed
     }
 }
 
@@ -256,16 +523,31 @@ mod imp {
         }
     }
 
-    /// Sends one datagram per call; returns how many failed.
-    pub fn send_batch(sock: &UdpSocket, items: &[(SocketAddr, &[u8])]) -> usize {
-        items
-            .iter()
-            .filter(|(d, p)| sock.send_to(p, d).is_err())
-            .count()
+    /// No GSO here.
+    pub fn gso_supported(_sock: &UdpSocket) -> bool {
+        false
+    }
+
+    /// Sends one datagram per call (every run is one datagram without GSO).
+    pub(super) fn send_runs(
+        sock: &UdpSocket,
+        items: &[(SocketAddr, &[u8])],
+        order: &[usize],
+        runs: &[Run],
+        report: &mut SendReport,
+    ) {
+        for run in runs {
+            for &i in &order[run.start..run.start + run.count] {
+                let (dest, data) = items[i];
+                if sock.send_to(data, dest).is_err() {
+                    report.failed += 1;
+                }
+            }
+        }
     }
 }
 
-pub use imp::{recv_batch, send_batch, wait_readable};
+pub use imp::{recv_batch, wait_readable};
 
 #[cfg(test)]
 mod tests {
@@ -285,7 +567,7 @@ mod tests {
             .enumerate()
             .map(|(i, p)| (if i % 2 == 0 { pa } else { pb }, p.as_slice()))
             .collect();
-        assert_eq!(send_batch(&src, &items), 0);
+        assert_eq!(Sender::new(&src, false, false).send(&src, &items).failed, 0);
         for (sock, parity) in [(&a, 0usize), (&b, 1)] {
             let mut got = Vec::new();
             let mut batch = RecvBatch::default();
@@ -306,7 +588,7 @@ mod tests {
         if let Some(c) = c {
             let dst = c.local_addr().expect("addr");
             let bad: Vec<(SocketAddr, &[u8])> = vec![(dst, b"x"), (pa, b"y")];
-            assert_eq!(send_batch(&src, &bad), 1);
+            assert_eq!(Sender::new(&src, false, false).send(&src, &bad).failed, 1);
             let mut batch = RecvBatch::default();
             assert!(wait_readable(&a, Duration::from_secs(2)).expect("poll"));
             recv_batch(&a, &mut batch).expect("recv");
@@ -319,5 +601,194 @@ mod tests {
         let mut batch = RecvBatch::default();
         assert_eq!(recv_batch(&a, &mut batch).expect("recv"), 0);
         assert!(!wait_readable(&a, Duration::from_millis(5)).expect("poll"));
+    }
+
+    fn runs_of(items: &[(SocketAddr, usize)], max: usize) -> Vec<(usize, usize, usize)> {
+        let mut runs = Vec::new();
+        gso_runs(items.iter().copied(), max, &mut runs);
+        // Every datagram is in exactly one run, in order.
+        let mut next = 0;
+        for r in &runs {
+            assert_eq!(r.start, next);
+            assert!(r.count >= 1);
+            next += r.count;
+        }
+        assert_eq!(next, items.len());
+        runs.iter().map(|r| (r.start, r.count, r.segment)).collect()
+    }
+
+    #[test]
+    fn runs_group_one_destination_of_one_size() {
+        let a: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:5000".parse().expect("addr");
+        let c: SocketAddr = "[2001:db8::1]:5000".parse().expect("addr");
+        assert_eq!(runs_of(&[], 64), vec![]);
+        // A frame's burst to a (last packet shorter), then b, then c.
+        let items = [
+            (a, 1200),
+            (a, 1200),
+            (a, 1200),
+            (a, 700),
+            (b, 1200),
+            (b, 1200),
+            (c, 300),
+            (c, 300),
+        ];
+        assert_eq!(
+            runs_of(&items, 64),
+            vec![(0, 4, 1200), (4, 2, 1200), (6, 2, 300)]
+        );
+        // Without GSO every datagram is its own run.
+        assert_eq!(runs_of(&items, 1).len(), items.len());
+        // A shorter datagram ends the run (the next starts anew); a longer one
+        // starts a new one.
+        let items = [
+            (a, 1000),
+            (a, 500),
+            (a, 500),
+            (a, 1000),
+            (a, 1200),
+            (a, 1200),
+        ];
+        assert_eq!(
+            runs_of(&items, 64),
+            vec![(0, 2, 1000), (2, 1, 500), (3, 1, 1000), (4, 2, 1200)]
+        );
+        // Interleaved destinations (one packet per viewer) form no runs.
+        let items = [(a, 1200), (b, 1200), (a, 1200), (b, 1200)];
+        assert_eq!(runs_of(&items, 64).len(), 4);
+        // Same address, different port: another destination.
+        let a2: SocketAddr = "10.0.0.1:5001".parse().expect("addr");
+        assert_eq!(runs_of(&[(a, 100), (a2, 100)], 64).len(), 2);
+        // Empty datagrams never join a run.
+        assert_eq!(runs_of(&[(a, 0), (a, 0)], 64).len(), 2);
+        assert_eq!(runs_of(&[(a, 100), (a, 0)], 64).len(), 2);
+    }
+
+    #[test]
+    fn runs_respect_segment_and_byte_limits() {
+        let a: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
+        // 150 small datagrams: runs of 64, 64, 22.
+        let items = vec![(a, 100); 150];
+        assert_eq!(
+            runs_of(&items, 64),
+            vec![(0, 64, 100), (64, 64, 100), (128, 22, 100)]
+        );
+        // 1400-byte datagrams: at most 46 fit under the 64 KiB bound.
+        let items = vec![(a, 1400); 100];
+        let runs = runs_of(&items, 64);
+        let per = GSO_MAX_BYTES / 1400;
+        assert_eq!(runs[0], (0, per, 1400));
+        for &(_, count, seg) in &runs {
+            assert!(count * seg <= GSO_MAX_BYTES);
+            assert!(count <= GSO_MAX_SEGMENTS);
+        }
+        // Small caps are honoured too.
+        assert_eq!(
+            runs_of(&[(a, 10); 5], 2),
+            vec![(0, 2, 10), (2, 2, 10), (4, 1, 10)]
+        );
+    }
+
+    /// Receives `n` datagrams from `sock` (bounded wait).
+    fn recv_n(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut batch = RecvBatch::default();
+        while got.len() < n {
+            assert!(
+                wait_readable(sock, Duration::from_secs(2)).expect("poll"),
+                "only {} of {n} datagrams arrived",
+                got.len()
+            );
+            recv_batch(sock, &mut batch).expect("recv");
+            got.extend(batch.iter().map(|(a, d)| (a, d.to_vec())));
+        }
+        got
+    }
+
+    #[test]
+    fn gso_send_arrives_as_separate_datagrams() {
+        for (any, dst_bind) in [("127.0.0.1:0", "127.0.0.1:0"), ("[::1]:0", "[::1]:0")] {
+            let (Ok(src), Ok(dst)) = (UdpSocket::bind(any), UdpSocket::bind(dst_bind)) else {
+                eprintln!("skipped {any}: cannot bind (no IPv6 loopback?)");
+                continue;
+            };
+            if !imp::gso_supported(&src) {
+                eprintln!("skipped: this kernel lacks UDP_SEGMENT (UDP GSO)");
+                return;
+            }
+            let other = UdpSocket::bind(dst_bind).expect("bind other");
+            let to = dst.local_addr().expect("addr");
+            let to_other = other.local_addr().expect("addr");
+            // 10 segments of 1200 and a 333-byte tail, then 3 to another socket, then 64
+            // equal ones (a full run) and one more: runs of 11, 3, 64, 1 datagrams.
+            let mut payloads: Vec<(SocketAddr, Vec<u8>)> = (0..10u8)
+                .map(|i| (to, vec![i; 1200]))
+                .chain([(to, vec![10; 333])])
+                .chain((0..3u8).map(|i| (to_other, vec![100 + i; 500])))
+                .collect();
+            payloads.extend((0..65u8).map(|i| (to, vec![i.wrapping_add(20); 200])));
+            let items: Vec<(SocketAddr, &[u8])> =
+                payloads.iter().map(|(a, p)| (*a, p.as_slice())).collect();
+            let mut sender = Sender::new(&src, true, false);
+            assert!(sender.gso_active());
+            let report = sender.send(&src, &items);
+            assert_eq!(report.failed, 0);
+            assert_eq!(report.gso_sends, 3, "{report:?}");
+            assert_eq!(report.gso_segments, 11 + 3 + 64);
+            assert!(sender.gso_active(), "GSO still on after a successful send");
+            let want: Vec<&Vec<u8>> = payloads
+                .iter()
+                .filter(|(a, _)| *a == to)
+                .map(|(_, p)| p)
+                .collect();
+            let got = recv_n(&dst, want.len());
+            assert_eq!(got.len(), want.len());
+            let from = src.local_addr().expect("addr");
+            for (k, ((a, d), w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(*a, from);
+                assert_eq!(&d, w, "datagram {k}: size {} want {}", d.len(), w.len());
+            }
+            let got = recv_n(&other, 3);
+            for (i, (_, d)) in got.iter().enumerate() {
+                assert_eq!(d, &vec![100 + i as u8; 500]);
+            }
+            let mut batch = RecvBatch::default();
+            assert_eq!(
+                recv_batch(&dst, &mut batch).expect("recv"),
+                0,
+                "nothing extra"
+            );
+        }
+    }
+
+    #[test]
+    fn grouping_by_destination_finds_interleaved_runs_in_order() {
+        let src = UdpSocket::bind("127.0.0.1:0").expect("bind src");
+        if !imp::gso_supported(&src) {
+            eprintln!("skipped: this kernel lacks UDP_SEGMENT (UDP GSO)");
+            return;
+        }
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind a");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind b");
+        let (pa, pb) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
+        // One packet per viewer per frame packet, as a fan-out without bursts gives.
+        let payloads: Vec<(SocketAddr, Vec<u8>)> = (0..8u8)
+            .flat_map(|i| [(pa, vec![i; 900]), (pb, vec![50 + i; 900])])
+            .collect();
+        let items: Vec<(SocketAddr, &[u8])> =
+            payloads.iter().map(|(d, p)| (*d, p.as_slice())).collect();
+        let plain = Sender::new(&src, true, false).send(&src, &items);
+        assert_eq!(plain.gso_sends, 0, "interleaved: no runs without grouping");
+        recv_n(&a, 8);
+        recv_n(&b, 8);
+        let grouped = Sender::new(&src, true, true).send(&src, &items);
+        assert_eq!((grouped.gso_sends, grouped.gso_segments), (2, 16));
+        for (sock, base) in [(&a, 0u8), (&b, 50)] {
+            let got = recv_n(sock, 8);
+            for (i, (_, d)) in got.iter().enumerate() {
+                assert_eq!(d, &vec![base + i as u8; 900], "order kept per destination");
+            }
+        }
     }
 }

@@ -126,11 +126,89 @@ pub struct Shared {
     pub relayed_in: AtomicU64,
     /// Datagrams sent to TURN clients through the in-process hand-off.
     pub relayed_out: AtomicU64,
+    /// UDP GSO messages sent (each a run of datagrams to one viewer).
+    pub gso_sends: AtomicU64,
+    /// Datagrams sent inside GSO messages (divide by `gso_sends`: segments per send).
+    pub gso_segments: AtomicU64,
+    /// Media threads currently sending with UDP GSO.
+    pub gso_threads: AtomicU64,
+    /// From a receive batch's return to the end of the sends it caused.
+    pub fanout_delay: DelayHistogram,
     /// The thread is running.
     pub alive: AtomicBool,
     /// Set to stop the thread.
     pub stop: AtomicBool,
 }
+
+/// Upper bounds (seconds) of the fan-out delay histogram's buckets: fine
+/// between 0.1 and 5 ms, where the target (p99 < 2 ms) is decided.
+pub const FANOUT_DELAY_BUCKETS: [f64; 20] = [
+    0.00005, 0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175,
+    0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
+];
+
+/// A latency histogram the media threads fill with a few relaxed atomic adds
+/// per loop iteration; `/metrics` renders it as a Prometheus histogram.
+#[derive(Default)]
+pub struct DelayHistogram {
+    /// Per-bucket counts (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; FANOUT_DELAY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let k = FANOUT_DELAY_BUCKETS.partition_point(|&b| b < s);
+        self.buckets[k].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound of [`FANOUT_DELAY_BUCKETS`] (then +Inf),
+    /// the sum in seconds and the count.
+    pub fn snapshot(&self) -> (Vec<u64>, f64, u64) {
+        let mut acc = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        (
+            cumulative,
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How a media thread does socket I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaIo {
+    /// recvmmsg/sendmmsg (else one call per datagram: the benchmark baseline).
+    pub batch: bool,
+    /// UDP GSO for runs of datagrams to one destination, when the kernel has it
+    /// (only with `batch`).
+    pub gso: bool,
+}
+
+impl From<&crate::config::MediaConfig> for MediaIo {
+    fn from(c: &crate::config::MediaConfig) -> Self {
+        MediaIo {
+            batch: c.batch_io,
+            gso: c.batch_io && c.gso,
+        }
+    }
+}
+
+/// Order each flush's datagrams by destination before looking for GSO runs.
+const GSO_GROUP_BY_DESTINATION: bool = false;
 
 /// One media thread as signalling sees it.
 #[derive(Clone)]
@@ -395,8 +473,9 @@ pub struct ShardSpec {
 pub fn spawn(
     specs: Vec<ShardSpec>,
     turn: Option<TurnHandle>,
-    batch_io: bool,
+    io: impl Into<MediaIo>,
 ) -> anyhow::Result<MediaHandle> {
+    let io = io.into();
     let n = specs.len();
     anyhow::ensure!(n > 0, "media: at least one shard");
     let shared = Arc::new(Shared {
@@ -431,6 +510,10 @@ pub fn spawn(
         std::thread::Builder::new()
             .name(format!("media-{shard}"))
             .spawn(move || {
+                let sender = batch_io::Sender::new(&socket, io.gso, GSO_GROUP_BY_DESTINATION);
+                if sender.gso_active() {
+                    thread_shared.gso_threads.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut engine = Engine {
                     sfu: Sfu::new(cfg),
                     shard,
@@ -446,10 +529,15 @@ pub fn spawn(
                     shared: thread_shared.clone(),
                     last_publish: Instant::now(),
                     last_prune: Instant::now(),
-                    batch_io,
-                    out: Vec::with_capacity(batch_io::BATCH * 4),
+                    batch_io: io.batch,
+                    out: Vec::with_capacity(OUT_QUEUE),
+                    sender,
+                    received_at: None,
                 };
                 engine.run();
+                if engine.sender.gso_active() {
+                    thread_shared.gso_threads.fetch_sub(1, Ordering::Relaxed);
+                }
                 thread_shared.alive.store(false, Ordering::Relaxed);
             })?;
         info!(shard, %local_addr, "media thread started");
@@ -492,7 +580,16 @@ struct Engine {
     batch_io: bool,
     /// Transmits waiting for the next `sendmmsg`.
     out: Vec<edgerelay_sfu::Transmit>,
+    /// Sends the batches (sendmmsg, UDP GSO).
+    sender: batch_io::Sender,
+    /// When the last receive that handed datagrams to the SFU returned; the
+    /// fan-out delay is measured from there to the end of the next flush.
+    received_at: Option<Instant>,
 }
+
+/// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
+/// messages); a larger queue splits fewer GSO runs at its boundary.
+const OUT_QUEUE: usize = batch_io::BATCH * 4;
 
 impl Engine {
     fn run(&mut self) {
@@ -508,6 +605,11 @@ impl Engine {
             self.handoff_in();
             self.flush();
             let now = Instant::now();
+            if let Some(t) = self.received_at.take() {
+                self.shared
+                    .fanout_delay
+                    .observe(now.saturating_duration_since(t));
+            }
             let next = self
                 .sfu
                 .poll_timeout()
@@ -564,6 +666,9 @@ impl Engine {
                     if source == self.waker_addr {
                         continue;
                     }
+                    if self.received_at.is_none() {
+                        self.received_at = Some(now);
+                    }
                     let dest = self.destination_for(source);
                     self.sfu.handle_datagram(now, source, dest, data);
                 }
@@ -584,8 +689,11 @@ impl Engine {
                     return;
                 }
                 let dest = self.destination_for(source);
-                self.sfu
-                    .handle_datagram(Instant::now(), source, dest, &buf[..n]);
+                let now = Instant::now();
+                if self.received_at.is_none() {
+                    self.received_at = Some(now);
+                }
+                self.sfu.handle_datagram(now, source, dest, &buf[..n]);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -613,12 +721,24 @@ impl Engine {
             .iter()
             .map(|t| (t.destination, &t.contents[..]))
             .collect();
-        let failed = batch_io::send_batch(&self.socket, &items);
+        let was_gso = self.sender.gso_active();
+        let report = self.sender.send(&self.socket, &items);
         drop(items);
-        if failed > 0 {
+        if report.failed > 0 {
             self.shared
                 .send_errors
-                .fetch_add(failed as u64, Ordering::Relaxed);
+                .fetch_add(report.failed as u64, Ordering::Relaxed);
+        }
+        if report.gso_sends > 0 {
+            self.shared
+                .gso_sends
+                .fetch_add(report.gso_sends as u64, Ordering::Relaxed);
+            self.shared
+                .gso_segments
+                .fetch_add(report.gso_segments as u64, Ordering::Relaxed);
+        }
+        if was_gso && !self.sender.gso_active() {
+            self.shared.gso_threads.fetch_sub(1, Ordering::Relaxed);
         }
         self.out.clear();
     }
@@ -658,7 +778,7 @@ impl Engine {
             }
             if self.batch_io {
                 self.out.push(t);
-                if self.out.len() >= batch_io::BATCH * 4 {
+                if self.out.len() >= OUT_QUEUE {
                     self.send_out();
                 }
             } else if let Err(e) = self.socket.send_to(&t.contents, t.destination) {

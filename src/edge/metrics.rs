@@ -2,14 +2,14 @@
 //! are copied into the `metrics` registry when `/metrics` is scraped, so the
 //! packet path never touches the registry.
 
-use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 
 use edgerelay_sfu::SfuError;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use super::media::Shared;
+use super::media::{DelayHistogram, FANOUT_DELAY_BUCKETS, Shared};
 
 /// The exporter handle plus settings the handlers need.
 #[derive(Clone)]
@@ -123,11 +123,77 @@ impl Metrics {
                 "edgerelay_turn_handoff_out_total",
                 shared.relayed_out.load(Ordering::Relaxed),
             );
+            c(
+                "edgerelay_media_gso_sends_total",
+                shared.gso_sends.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_media_gso_segments_total",
+                shared.gso_segments.load(Ordering::Relaxed),
+            );
         }
         let rooms = shared.rooms.lock().map(|r| r.len()).unwrap_or(0);
         gauge!("edgerelay_rooms").set(rooms as f64);
         gauge!("edgerelay_viewers").set(shared.viewers.load(Ordering::Relaxed) as f64);
         gauge!("edgerelay_peers").set(shared.peers.load(Ordering::Relaxed) as f64);
-        self.handle.render()
+        gauge!("edgerelay_media_gso_threads")
+            .set(shared.gso_threads.load(Ordering::Relaxed) as f64);
+        let mut text = self.handle.render();
+        render_fanout_delay(&mut text, &shared.fanout_delay);
+        text
+    }
+}
+
+/// Appends the fan-out delay histogram in Prometheus text format (the media
+/// threads keep their own bucket counts, so it is written here rather than
+/// recorded sample by sample into the registry).
+fn render_fanout_delay(text: &mut String, h: &DelayHistogram) {
+    use std::fmt::Write;
+    const NAME: &str = "edgerelay_media_fanout_delay_seconds";
+    let (cumulative, sum, count) = h.snapshot();
+    let _ = writeln!(
+        text,
+        "# HELP {NAME} From a media receive batch's return to the end of the sends it caused."
+    );
+    let _ = writeln!(text, "# TYPE {NAME} histogram");
+    for (bound, n) in FANOUT_DELAY_BUCKETS.iter().zip(&cumulative) {
+        let _ = writeln!(text, "{NAME}_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(text, "{NAME}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(text, "{NAME}_sum {sum}");
+    let _ = writeln!(text, "{NAME}_count {count}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn fanout_delay_renders_as_a_cumulative_histogram() {
+        let h = DelayHistogram::default();
+        for us in [80, 150, 150, 900, 1_900, 7_000, 400_000] {
+            h.observe(Duration::from_micros(us));
+        }
+        let mut text = String::new();
+        render_fanout_delay(&mut text, &h);
+        let value = |le: &str| -> u64 {
+            let key = format!("edgerelay_media_fanout_delay_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no bucket {le} in {text}"))
+        };
+        assert_eq!(value("0.00005"), 0);
+        assert_eq!(value("0.0001"), 1);
+        assert_eq!(value("0.0002"), 3);
+        assert_eq!(value("0.001"), 4);
+        assert_eq!(value("0.002"), 5);
+        assert_eq!(value("0.0075"), 6);
+        assert_eq!(value("0.1"), 6);
+        assert_eq!(value("+Inf"), 7);
+        assert!(text.contains("# TYPE edgerelay_media_fanout_delay_seconds histogram"));
+        assert!(text.contains("edgerelay_media_fanout_delay_seconds_count 7"));
+        assert!(text.contains("edgerelay_media_fanout_delay_seconds_sum 0.41018"));
     }
 }

@@ -198,7 +198,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
     let media = media::spawn(
         specs,
         turn.as_ref().map(|t| t.handle.clone()),
-        cfg.media.batch_io,
+        &cfg.media,
     )?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
