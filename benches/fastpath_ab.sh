@@ -5,9 +5,10 @@
 # one line
 #   RESULT variant=... n=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
 #          gso_segs_per_send=... fanout_p50_le_ms=... fanout_p99_le_ms=...
-# (the last three from the edge's /metrics at the end of the run; the fan-out delay
-# quantiles are bucket upper bounds, over the whole run), and at the end the ratio of
-# each variant to the baseline (one datagram per syscall).
+# (the last three from the edge's /metrics, steady phase only: the difference between a
+# scrape once the joins are done and one at the end; the fan-out delay quantiles are
+# bucket upper bounds, per media loop iteration), and at the end the ratio of each
+# variant to the baseline (one datagram per syscall).
 #
 # Variants (edge.toml fragments):
 #   baseline      [media] batch_io = false          one system call per datagram
@@ -51,34 +52,43 @@ TOML
   for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
   local http
   http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
+  ( sleep $((N / JOIN_RATE + 6)); curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
+  local scrape=$!
   timeout $((STEADY + N / JOIN_RATE + 90)) "$EDGERELAY_BIN" loadtest \
     --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$pid" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
+  wait "$scrape" 2>/dev/null || true
   curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  python3 - "$dir/result.json" "$name" "$N" "$dir/metrics" <<'PY'
+  python3 - "$dir/result.json" "$name" "$N" "$dir/metrics" "$dir/metrics.start" <<'PY'
 import json, re, sys
 try:
     r = json.load(open(sys.argv[1]))
 except Exception as e:
     print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} error={e!r}")
     sys.exit(0)
-m = {}
-buckets = []
-try:
-    for line in open(sys.argv[4]):
-        x = re.match(r'(edgerelay_media_\w+?)(\{le="([^"]+)"\})? (\S+)$', line)
-        if not x:
-            continue
-        if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
-            buckets.append((float(x.group(3)), float(x.group(4))))
-        else:
-            m[x.group(1)] = float(x.group(4))
-except OSError:
-    pass
+def scrape(path):
+    m, buckets = {}, []
+    try:
+        for line in open(path):
+            x = re.match(r'(edgerelay_media_\w+?)(\{le="([^"]+)"\})? (\S+)$', line)
+            if not x:
+                continue
+            if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
+                buckets.append((float(x.group(3)), float(x.group(4))))
+            else:
+                m[x.group(1)] = float(x.group(4))
+    except OSError:
+        pass
+    return m, buckets
+m, buckets = scrape(sys.argv[4])
+m0, b0 = scrape(sys.argv[5])
+if b0 and len(b0) == len(buckets):
+    m = {k: v - m0.get(k, 0) for k, v in m.items()}
+    buckets = [(le, n - n0) for (le, n), (_, n0) in zip(buckets, b0)]
 sends = m.get("edgerelay_media_gso_sends_total", 0)
 segs = f"{m.get('edgerelay_media_gso_segments_total', 0) / sends:.2f}" if sends else "0"
 def quantile(q):
