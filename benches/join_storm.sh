@@ -10,7 +10,7 @@
 #          upstream_kf_requests=.. budget_300ms=.. source_kf_max_per_300ms=.. ramp_s=.. loss_pct=..
 #
 # Environment: N=1000, JOIN_RATE=200, STEADY=10, THREADS (swarm threads, default: CPUs),
-# BITRATE_KBPS=2000, EDGERELAY_BIN (default: cargo build --release). Loopback only;
+# BITRATE_KBPS=2000, SFU_EXTRA (extra [sfu] lines, e.g. "bwe = false"), EDGERELAY_BIN (default: cargo build --release). Loopback only;
 # bounded in time. On a 2-core machine the generator shares the CPU with the edge: read
 # `held` (viewers receiving in the steady phase) and loss before trusting the timings.
 set -euo pipefail
@@ -43,6 +43,7 @@ publisher_tokens = ["js-publisher-token"]
 viewer_tokens = ["js-viewer-token"]
 [sfu]
 max_viewers_per_room = $((N + 10))
+${SFU_EXTRA:-}
 TOML
 "$EDGERELAY_BIN" edge --config "$TMP/edge.toml" --media-listen 127.0.0.1:0 --public-ip 127.0.0.1 \
   >"$TMP/edge.out" 2>"$TMP/edge.err" &

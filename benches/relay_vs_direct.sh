@@ -9,6 +9,7 @@
 #   RATIO relay/direct=..
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# MODES="direct relay" (e.g. MODES=relay STEADY=330 checks TURN refreshes on a long run),
 # EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
 # The bench config raises the TURN quota per user (every WHEP viewer's REST username
 # shares one quota user) and the total allocation cap; nothing else differs from the
@@ -87,10 +88,9 @@ if r.get("join_failure_sample"):
 PY
 }
 
-{
-  run_mode direct
-  run_mode relay
-} | tee "$TMP/results"
+for mode in ${MODES:-direct relay}; do
+  run_mode "$mode"
+done | tee "$TMP/results"
 # The TURN thread's counters, as a check that media really went through it.
 curl -s "$HTTP/metrics" | grep -E '^edgerelay_turn_(allocations|relayed_packets_total)' || true
 

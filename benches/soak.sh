@@ -69,6 +69,8 @@ print(f"RESULT n={r['viewers']} receiving={r['viewers_receiving_steady']} second
       f"rss_kb_end={r['rss_kb_steady_end']} "
       f"rss_kb_per_viewer_start={r['rss_kb_per_viewer_steady_start']} "
       f"rss_kb_per_viewer_end={r['rss_kb_per_viewer_steady_end']} "
-      f"rss_slope_kib_per_min={r['rss_slope_kib_per_min']} samples={r['rss_samples']} "
+      f"rss_slope_kib_per_min={r['rss_slope_kib_per_min']} "
+      f"rss_slope_kib_per_min_second_half={r.get('rss_slope_kib_per_min_second_half')} samples={r['rss_samples']} "
       f"us_per_pkt={r['us_per_pkt']} loss_pct={r['loss_pct']}")
+print("SERIES minutes:rss_kb " + " ".join(f"{m}:{kb:.0f}" for m, kb in r.get("rss_series_min_kb") or []))
 PY

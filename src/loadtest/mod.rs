@@ -755,6 +755,20 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let rss_start = rss_samples.first().map(|p| p.1);
     let rss_end = rss_samples.last().map(|p| p.1);
     let rss_slope = slope(&rss_samples);
+    // The second half alone tells a one-off warm-up from a steady leak.
+    let rss_slope_2nd = slope(&rss_samples[rss_samples.len() / 2..]);
+    // At most ~60 points of the series, for plotting.
+    let step = rss_samples.len().div_ceil(60).max(1);
+    let rss_series: Vec<Value> = rss_samples
+        .iter()
+        .step_by(step)
+        .chain(
+            rss_samples
+                .last()
+                .filter(|_| rss_samples.len() % step != 1 && step > 1),
+        )
+        .map(|(m, kb)| json!([round3(*m), kb]))
+        .collect();
     let (kf_delta, edge_delta) = match (kf_before, kf_after) {
         (Some(a), Some(b)) => {
             let mut m = serde_json::Map::new();
@@ -864,6 +878,8 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "rss_kb_per_viewer_steady_start": opt(rss_steady(rss_start)),
         "rss_kb_per_viewer_steady_end": opt(rss_steady(rss_end)),
         "rss_slope_kib_per_min": opt(rss_slope),
+        "rss_slope_kib_per_min_second_half": opt(rss_slope_2nd),
+        "rss_series_min_kb": rss_series,
         "rss_slope_kib_per_min_per_viewer": opt(rss_slope.filter(|_| receiving > 0).map(|s| s / receiving as f64)),
     });
     if let (Some(r), Value::Object(e)) = (report.as_object_mut(), extra) {
