@@ -4,8 +4,8 @@
 # 2 Mbit/s H.264 stream, on loopback. For each variant it prints the loadtest figures and
 # one line
 #   RESULT variant=... n=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
-#          gso_segs_per_send=... fanout_p50_le_ms=... fanout_p99_le_ms=...
-# (the last three from the edge's /metrics, steady phase only: the difference between a
+#          gso_segs_per_send=... gso_pct_of_datagrams=... fanout_p50_le_ms=... fanout_p99_le_ms=...
+# (the last four from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
 # variant to the baseline (one datagram per syscall).
@@ -74,7 +74,7 @@ def scrape(path):
     m, buckets = {}, []
     try:
         for line in open(path):
-            x = re.match(r'(edgerelay_media_\w+?)(\{le="([^"]+)"\})? (\S+)$', line)
+            x = re.match(r'(edgerelay_(?:media_\w+?|datagrams_out_total))(\{le="([^"]+)"\})? (\S+)$', line)
             if not x:
                 continue
             if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
@@ -91,6 +91,8 @@ if b0 and len(b0) == len(buckets):
     buckets = [(le, n - n0) for (le, n), (_, n0) in zip(buckets, b0)]
 sends = m.get("edgerelay_media_gso_sends_total", 0)
 segs = f"{m.get('edgerelay_media_gso_segments_total', 0) / sends:.2f}" if sends else "0"
+out = m.get("edgerelay_datagrams_out_total", 0)
+share = f"{100 * m.get('edgerelay_media_gso_segments_total', 0) / out:.0f}" if out else "0"
 def quantile(q):
     # Upper bound of the bucket holding the q-quantile (whole run, joins included).
     if not buckets or buckets[-1][1] == 0:
@@ -101,7 +103,7 @@ def quantile(q):
     return "na"
 print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']} "
       f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
-      f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} "
+      f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
       f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)}")
 PY
 }
