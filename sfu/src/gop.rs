@@ -41,6 +41,9 @@ pub struct GopCache {
     cur_is_key: bool,
     frames: u32,
     bytes: usize,
+    /// Bumped whenever the cache's first packet changes (new keyframe, reset), so a
+    /// reader's index into [`GopCache::packets`] can tell it is stale.
+    generation: u64,
 }
 
 /// What pushing a packet did to the cache.
@@ -80,6 +83,7 @@ impl GopCache {
                 .sum();
             self.bytes -= removed;
             self.packets.drain(..self.cur_start);
+            self.generation += 1;
             self.cur_start = 0;
             self.frames = 1;
             self.valid = true;
@@ -92,6 +96,9 @@ impl GopCache {
     }
 
     fn clear_packets(&mut self) {
+        if !self.packets.is_empty() {
+            self.generation += 1;
+        }
         self.packets.clear();
         self.bytes = 0;
         self.frames = 0;
@@ -109,6 +116,11 @@ impl GopCache {
     /// True when the cache starts with a keyframe.
     pub fn is_valid(&self) -> bool {
         self.valid && !self.packets.is_empty()
+    }
+
+    /// Changes whenever indices into [`GopCache::packets`] stop meaning what they did.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The cached packets, oldest first.

@@ -40,13 +40,18 @@ pub use slab::Key as PeerId;
 pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 
-use peer::{Peer, TrackOut, TxTuning};
+use peer::{Peer, Replay, TrackOut, TxTuning};
 
 /// At most this many back-to-back str0m timeouts are served inline per peer poll
 /// (one per packet of a paced burst); the rest go through the timer heap.
 const IMMEDIATE_RETICKS: u32 = 128;
 /// A str0m timeout due within this of the current time is served inline.
 const IMMEDIATE_WINDOW: Duration = Duration::from_micros(50);
+/// A replaying viewer gets more of the cached GOP while fewer than this many of
+/// its RTP packets wait in str0m's send queue.
+const REPLAY_IN_FLIGHT: u64 = 48;
+/// A replay that could not write for this long resynchronises its in-flight count.
+const REPLAY_STALL: Duration = Duration::from_millis(250);
 use room::{Room, VIDEO};
 use slab::{Key, Slab};
 
@@ -91,8 +96,8 @@ impl Default for SfuConfig {
             bwe_initial_bps: 5_000_000,
             bwe_pause_after: Duration::from_secs(1),
             control_label: "control".to_string(),
-            rtx_cache_packets: 512,
-            rtx_cache_age: Duration::from_millis(1500),
+            rtx_cache_packets: 256,
+            rtx_cache_age: Duration::from_millis(600),
             pacing: true,
         }
     }
@@ -561,6 +566,8 @@ impl Sfu {
             bwe_low_since: None,
             ssrc_map: Vec::new(),
             seq_start,
+            video_written: 0,
+            datagrams_sent: 0,
         });
         self.by_ufrag.insert(ufrag, key);
         key
@@ -643,14 +650,23 @@ impl Sfu {
             p.needs_tick = true;
             self.mark_dirty(k);
         }
-        self.run_dirty(now);
+        // The peers are ticked as the driver takes their datagrams (poll_transmit).
     }
 
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.transmits.is_empty() && !self.dirty.is_empty() {
-            if let Some(now) = self.last_now {
-                self.run_dirty(now);
+        // One dirty peer at a time: a keyframe fanned out to every viewer would
+        // otherwise sit here whole (a thousand viewers' worth of datagrams at once)
+        // instead of leaving in the driver's batches.
+        if let Some(now) = self.last_now {
+            while self.transmits.is_empty() {
+                let Some(k) = self.dirty.pop() else {
+                    break;
+                };
+                self.poll_peer(now, k);
+            }
+            while let Some(k) = self.dead.pop() {
+                self.drop_peer(k);
             }
         }
         let t = self.transmits.pop_front()?;
@@ -661,6 +677,11 @@ impl Sfu {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        if self.events.is_empty() {
+            if let Some(now) = self.last_now {
+                self.run_dirty(now);
+            }
+        }
         self.events.pop_front()
     }
 
@@ -727,6 +748,29 @@ impl Sfu {
                         debug!(peer = key.as_u64(), "timeout failed: {e}");
                     }
                 }
+                Ok(Output::Timeout(t))
+                    if immediate_budget > 0
+                        && p.tracks[VIDEO].as_ref().is_some_and(|t| t.replay.is_some()) =>
+                {
+                    // Top the replaying viewer's queue up from the cached GOP.
+                    immediate_budget -= 1;
+                    let wrote = match self.rooms.get(p.room) {
+                        Some(r) => pump_replay(r, p, now, &mut self.stats),
+                        None => false,
+                    };
+                    if wrote {
+                        p.needs_tick = false;
+                        if let Err(e) = p.rtc.handle_input(Input::Timeout(t.max(now))) {
+                            debug!(peer = key.as_u64(), "timeout failed: {e}");
+                        }
+                    } else {
+                        if p.next_timeout != Some(t) {
+                            p.next_timeout = Some(t);
+                            self.timers.push(Reverse((t, key)));
+                        }
+                        return;
+                    }
+                }
                 Ok(Output::Timeout(t)) => {
                     if p.next_timeout != Some(t) {
                         p.next_timeout = Some(t);
@@ -734,7 +778,13 @@ impl Sfu {
                     }
                     return;
                 }
-                Ok(Output::Transmit(t)) => self.transmits.push_back(t),
+                Ok(Output::Transmit(t)) => {
+                    if is_rtp(&t.contents) {
+                        // Clamped: retransmissions and padding are sent but never written.
+                        p.datagrams_sent = (p.datagrams_sent + 1).min(p.video_written);
+                    }
+                    self.transmits.push_back(t)
+                }
                 Ok(Output::Event(e)) => self.on_event(now, key, e),
                 Err(e) => {
                     warn!(peer = key.as_u64(), "session failed: {e}");
@@ -1000,11 +1050,13 @@ impl Sfu {
             let queued = if track == VIDEO && v.video_paused {
                 stats.dropped_paused += 1;
                 false
+            } else if track == VIDEO && t.replay.is_some() {
+                // The packet is in the cache the viewer is still reading.
+                pump_replay(r, v, now, stats)
             } else if track == VIDEO && (t.layer != layer || t.needs_start) {
                 // Start (or switch layers) only where a keyframe begins.
                 if t.target_layer == layer && pushed == Pushed::KeyframeStart {
-                    replay_gop(r, v, layer, now, stats);
-                    true
+                    replay_gop(r, v, layer, now, stats)
                 } else {
                     false
                 }
@@ -1339,7 +1391,11 @@ fn forward(
         return false;
     };
     if let Some(tuning) = t.tuning.take() {
-        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(0.15));
+        // No RTX ratio cap: str0m 0.25 keeps a per-packet byte history for it that is
+        // only trimmed when a NACK arrives, so on a clean link it grows by ~24 bytes per
+        // packet forever (5 KB/s per viewer at 2 Mbit/s). Resends stay bounded by the
+        // pacer (the viewer's bandwidth estimate) and the NACK cache.
+        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, None);
         if track == VIDEO {
             tx.set_unpaced(!tuning.paced);
         }
@@ -1352,6 +1408,7 @@ fn forward(
             .nackable(track == VIDEO),
     );
     stats.rtp_out += 1;
+    v.video_written += 1;
     v.needs_tick = true;
     true
 }
@@ -1359,32 +1416,100 @@ fn forward(
 /// Sends a viewer the cached GOP of `layer` at once. Timestamps of the cached
 /// frames are squeezed just below the newest one, so the viewer decodes them
 /// straight away and is live at the end instead of a GOP behind.
-fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut SfuStats) {
+fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut SfuStats) -> bool {
     let Some(l) = r.tracks[VIDEO].layers.get(layer) else {
-        return;
+        return false;
     };
     let pkts = l.gop.packets();
     let (Some(first), Some(last)) = (pkts.first(), pkts.last()) else {
-        return;
+        return false;
     };
     let Some(t) = v.tracks[VIDEO].as_mut() else {
-        return;
+        return false;
     };
     t.rebase(first.seq);
     t.needs_start = false;
     t.layer = layer;
-    let frames = l.gop.frames().max(1);
-    let mut frame = 0u32;
-    let mut cur = first.ts;
-    for p in pkts {
-        if p.ts != cur {
-            cur = p.ts;
-            frame += 1;
+    t.replay = Some(Replay {
+        generation: l.gop.generation(),
+        next: 0,
+        squeeze_end: pkts.len(),
+        frames: l.gop.frames().max(1),
+        last_ts: last.ts,
+        frame: 0,
+        cur_ts: first.ts,
+        progress_at: now,
+    });
+    pump_replay(r, v, now, stats)
+}
+
+/// Writes the next slice of a replaying viewer's cached GOP, as far as its send
+/// queue has room. Returns true if something was written.
+fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bool {
+    let Some(t) = v.tracks[VIDEO].as_mut() else {
+        return false;
+    };
+    let Some(mut rp) = t.replay else {
+        return false;
+    };
+    let layer = t.layer;
+    let Some(l) = r.tracks[VIDEO].layers.get(layer) else {
+        t.replay = None;
+        return false;
+    };
+    if v.video_paused {
+        t.replay = None;
+        t.needs_start = true;
+        return false;
+    }
+    if rp.generation != l.gop.generation() {
+        // A new keyframe (or a reset) moved the cache under the cursor.
+        if l.gop.is_valid() {
+            return replay_gop(r, v, layer, now, stats);
         }
-        let back = (frames - 1).saturating_sub(frame);
-        let ts = last.ts.wrapping_sub(back);
-        if forward(v, VIDEO, p, ts, now, r, stats) {
+        t.replay = None;
+        t.needs_start = true;
+        return false;
+    }
+    let pkts = l.gop.packets();
+    if now.saturating_duration_since(rp.progress_at) > REPLAY_STALL {
+        // Nothing left the queue for a while by our count (str0m dropped
+        // something, or the count drifted): trust the queue to be drained.
+        v.datagrams_sent = v.video_written;
+    }
+    let mut wrote = false;
+    while let Some(p) = pkts.get(rp.next) {
+        if v.video_written.saturating_sub(v.datagrams_sent) >= REPLAY_IN_FLIGHT {
+            break;
+        }
+        let (ts, wallclock) = if rp.next < rp.squeeze_end {
+            if p.ts != rp.cur_ts {
+                rp.cur_ts = p.ts;
+                rp.frame += 1;
+            }
+            let back = (rp.frames - 1).saturating_sub(rp.frame);
+            (rp.last_ts.wrapping_sub(back), now)
+        } else {
+            (p.ts, p.arrival)
+        };
+        rp.next += 1;
+        if forward(v, VIDEO, p, ts, wallclock, r, stats) {
             stats.packets_replayed += 1;
+            rp.progress_at = now;
+            wrote = true;
         }
     }
+    if let Some(t) = v.tracks[VIDEO].as_mut() {
+        t.replay = (rp.next < pkts.len()).then_some(rp);
+    }
+    if wrote {
+        stats.replay_slices += 1;
+    }
+    wrote
+}
+
+/// True for an RTP (not RTCP) packet: version 2 and a payload type outside
+/// RTCP's 192..=223 range (RFC 5761 demultiplexing).
+fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && d[0] >> 6 == 2 && !(192..=223).contains(&d[1])
 }

@@ -71,6 +71,35 @@ pub struct TrackOut {
     pub pt_epoch: u32,
     /// Settings still to apply to the send stream.
     pub tuning: Option<TxTuning>,
+    /// Cached GOP still being fed to the viewer (video only).
+    pub replay: Option<Replay>,
+}
+
+/// A viewer's cursor through the room's cached GOP.
+///
+/// The cache is fed to str0m a slice at a time, as the pacer drains it, rather
+/// than all at once: the viewer's send queue (and the memory it keeps) stays
+/// small however long the GOP is, and the packets leave at the same pace.
+/// Packets that were cached when the replay began get timestamps squeezed
+/// towards the live edge (one tick per frame); later ones keep theirs.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay {
+    /// [`crate::GopCache::generation`] the cursor belongs to.
+    pub generation: u64,
+    /// Next index into the cached packets.
+    pub next: usize,
+    /// Packets cached when the replay began (the squeezed part).
+    pub squeeze_end: usize,
+    /// Frames cached when the replay began.
+    pub frames: u32,
+    /// Timestamp of the last cached packet when the replay began.
+    pub last_ts: u32,
+    /// Frame index of the packet at `next - 1` within the squeezed part.
+    pub frame: u32,
+    /// Original timestamp of that frame.
+    pub cur_ts: u32,
+    /// When the replay last wrote a packet.
+    pub progress_at: Instant,
 }
 
 impl TrackOut {
@@ -86,6 +115,7 @@ impl TrackOut {
             pt_map: Vec::new(),
             pt_epoch: u32::MAX,
             tuning: Some(tuning),
+            replay: None,
         }
     }
 
@@ -145,6 +175,10 @@ pub struct Peer {
     pub ssrc_map: Vec<(Ssrc, usize, usize)>,
     /// First sequence number of the viewer's tracks.
     pub seq_start: u64,
+    /// Video packets written to str0m, for the replay's in-flight estimate.
+    pub video_written: u64,
+    /// Datagrams str0m has emitted for this peer, for the same estimate.
+    pub datagrams_sent: u64,
 }
 
 impl Peer {

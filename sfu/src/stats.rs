@@ -34,6 +34,8 @@ pub struct SfuStats {
     pub viewer_starts_from_cache: u64,
     /// Cached packets replayed to viewers.
     pub packets_replayed: u64,
+    /// Slices the replays were written in (each at most a send queue's worth).
+    pub replay_slices: u64,
     /// Datagrams from an address no peer owns.
     pub dropped_unknown_source: u64,
     /// Datagrams str0m rejected or could not parse.
@@ -79,6 +81,7 @@ impl SfuStats {
             keyframe_requests_answered_by_cache,
             viewer_starts_from_cache,
             packets_replayed,
+            replay_slices,
             dropped_unknown_source,
             dropped_malformed,
             dropped_unknown_stream,

@@ -160,6 +160,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         max_viewers_per_room: cfg.sfu.max_viewers_per_room,
         bwe: cfg.sfu.bwe,
         bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
+        rtx_cache_age: Duration::from_millis(cfg.sfu.nack_history_ms),
         ..SfuConfig::default()
     };
     let sockets = media::bind_shards(cfg.media.listen, cfg.shard_count())?;
