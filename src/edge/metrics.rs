@@ -85,6 +85,8 @@ impl Metrics {
                 s.viewer_starts_from_cache,
             );
             c("edgerelay_packets_replayed_total", s.packets_replayed);
+            c("edgerelay_replay_slices_total", s.replay_slices);
+            c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
             c("edgerelay_input_forwarded_total", s.input_forwarded);
             c(
                 "edgerelay_input_dropped_spectator_total",
