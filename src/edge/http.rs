@@ -259,7 +259,7 @@ fn created(state: &AppState, kind: &str, room: &str, j: Joined) -> Response {
         HeaderValue::from_static(j.role.as_str()),
     );
     if let Some(t) = &state.turn {
-        for link in t.link_headers(kind) {
+        for link in t.link_headers(&super::turn::EdgeTurn::session_user(kind)) {
             if let Ok(v) = HeaderValue::from_str(&link) {
                 h.append(header::LINK, v);
             }
@@ -424,8 +424,11 @@ async fn ice_servers(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_auth(&state.viewer_tokens, &headers, true)?;
-    let list: Vec<super::turn::IceServer> =
-        state.turn.iter().map(|t| t.ice_server("viewer")).collect();
+    let list: Vec<super::turn::IceServer> = state
+        .turn
+        .iter()
+        .map(|t| t.ice_server(&super::turn::EdgeTurn::session_user("viewer")))
+        .collect();
     Ok(axum::Json(list).into_response())
 }
 

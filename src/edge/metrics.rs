@@ -2,14 +2,14 @@
 //! are copied into the `metrics` registry when `/metrics` is scraped, so the
 //! packet path never touches the registry.
 
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use edgerelay_sfu::SfuError;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use super::media::{DelayHistogram, FANOUT_DELAY_BUCKETS, Shared};
+use super::media::{DelayHistogram, Shared, FANOUT_DELAY_BUCKETS};
 
 /// The exporter handle plus settings the handlers need.
 #[derive(Clone)]

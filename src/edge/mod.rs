@@ -196,11 +196,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
             relayed: rx.take(),
         })
         .collect();
-    let media = media::spawn(
-        specs,
-        turn.as_ref().map(|t| t.handle.clone()),
-        &cfg.media,
-    )?;
+    let media = media::spawn(specs, turn.as_ref().map(|t| t.handle.clone()), &cfg.media)?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await

@@ -203,6 +203,13 @@ impl EdgeTurn {
         &self.urls
     }
 
+    /// A REST user name of its own for one session (`<kind>-<random>`): the TURN
+    /// server counts allocations per user, so viewers must not share one name (a
+    /// shared name would cap an edge at `max_allocations_per_user` relayed viewers).
+    pub fn session_user(kind: &str) -> String {
+        format!("{kind}-{:016x}", rand::rng().next_u64())
+    }
+
     /// Fresh REST credentials for `user`.
     pub fn ice_server(&self, user: &str) -> IceServer {
         let now = std::time::SystemTime::now()
@@ -238,5 +245,23 @@ impl EdgeTurn {
         if let Some(s) = server {
             s.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EdgeTurn;
+    use edgerelay_turn::auth::Credentials;
+
+    #[test]
+    fn every_session_gets_its_own_quota_user() {
+        let a = EdgeTurn::session_user("whep");
+        let b = EdgeTurn::session_user("whep");
+        assert!(a.starts_with("whep-") && a.len() == 21, "{a}");
+        assert_ne!(a, b);
+        let (ua, _) = edgerelay_turn::rest_credentials("secret", &a, 600, 1_700_000_000);
+        let (ub, _) = edgerelay_turn::rest_credentials("secret", &b, 600, 1_700_000_000);
+        assert_ne!(Credentials::quota_user(&ua), Credentials::quota_user(&ub));
+        assert_eq!(Credentials::quota_user(&ua), a);
     }
 }
