@@ -760,7 +760,9 @@ impl Sfu {
                     };
                     if wrote {
                         p.needs_tick = false;
-                        if let Err(e) = p.rtc.handle_input(Input::Timeout(t.max(now))) {
+                        // `now`, never `t`: t may be far ahead (the next RTCP report),
+                        // and str0m ignores timeouts earlier than the latest it saw.
+                        if let Err(e) = p.rtc.handle_input(Input::Timeout(now)) {
                             debug!(peer = key.as_u64(), "timeout failed: {e}");
                         }
                     } else {

@@ -256,7 +256,21 @@ fn single_section_offer_without_bundle_is_accepted() {
 fn long_gop_of_big_frames_is_replayed_whole_and_in_order() {
     // Bandwidth estimation on (the shipped default): the pacer drains the replay, which
     // the SFU feeds to str0m a slice at a time.
-    let mut w = World::new(SfuConfig::default());
+    long_gop_replay(SfuConfig::default());
+}
+
+#[test]
+fn long_gop_replay_without_bwe_is_whole_and_in_order() {
+    // Unpaced: str0m's next timeout is the next RTCP report, far ahead; the replay must
+    // not tick str0m's clock forward to it (timeouts before it would then be ignored).
+    long_gop_replay(SfuConfig {
+        bwe: false,
+        ..SfuConfig::default()
+    });
+}
+
+fn long_gop_replay(cfg: SfuConfig) {
+    let mut w = World::new(cfg);
     let p = w.publish("r");
     let a = w.view("r");
     w.connect_all();
