@@ -50,6 +50,8 @@ const IMMEDIATE_WINDOW: Duration = Duration::from_micros(50);
 /// A replaying viewer gets more of the cached GOP while fewer than this many of
 /// its RTP packets wait in str0m's send queue.
 const REPLAY_IN_FLIGHT: u64 = 48;
+/// Resends stop while they exceed this share of a viewer stream's bytes.
+const RTX_RATIO_CAP: f32 = 0.15;
 /// A replay that could not write for this long resynchronises its in-flight count.
 const REPLAY_STALL: Duration = Duration::from_millis(250);
 use room::{Room, VIDEO};
@@ -944,6 +946,7 @@ impl Sfu {
     }
 
     fn on_publisher_rtp(&mut self, now: Instant, key: Key, pkt: RtpPacket) {
+        let tuning = self.tuning();
         let Sfu {
             peers,
             rooms,
@@ -1063,6 +1066,11 @@ impl Sfu {
                     false
                 }
             } else {
+                if pushed == Pushed::KeyframeStart {
+                    // Nothing before a keyframe is worth resending: start the NACK
+                    // cache (and str0m's resend-ratio history) afresh.
+                    t.tuning = Some(tuning);
+                }
                 forward(v, track, &cp, cp.ts, cp.arrival, r, stats)
             };
             if queued && !v.dirty {
@@ -1393,11 +1401,14 @@ fn forward(
         return false;
     };
     if let Some(tuning) = t.tuning.take() {
-        // No RTX ratio cap: str0m 0.25 keeps a per-packet byte history for it that is
-        // only trimmed when a NACK arrives, so on a clean link it grows by ~24 bytes per
-        // packet forever (5 KB/s per viewer at 2 Mbit/s). Resends stay bounded by the
-        // pacer (the viewer's bandwidth estimate) and the NACK cache.
+        // The RTX ratio cap (resends stop above 15 % of the bytes sent) keeps a lossy
+        // viewer from being buried in retransmissions. str0m 0.25 keeps a per-packet
+        // byte history for it that is only trimmed when a NACK arrives, so on a clean
+        // link it grows ~24 bytes per packet (5 KB/s per viewer at 2 Mbit/s); setting
+        // the cache with no cap first drops that history. The SFU re-applies this at
+        // every keyframe it forwards, where older packets stop mattering to the decoder.
         tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, None);
+        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(RTX_RATIO_CAP));
         if track == VIDEO {
             tx.set_unpaced(!tuning.paced);
         }
