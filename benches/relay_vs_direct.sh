@@ -11,8 +11,8 @@
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # MODES="direct relay" (e.g. MODES=relay STEADY=330 checks TURN refreshes on a long run),
 # EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
-# The bench config raises the TURN quota per user (every WHEP viewer's REST username
-# shares one quota user) and the total allocation cap; nothing else differs from the
+# The bench config raises the TURN allocation caps (generous for many viewers on one
+# host; each viewer now gets a REST user of its own); nothing else differs from the
 # defaults. The SFU is a peer the TURN server always allows (in-process hand-off), so no
 # loopback-peer exception is needed.
 set -euo pipefail
