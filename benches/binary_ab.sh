@@ -19,14 +19,10 @@ N=${N:-200}
 ROUNDS=${ROUNDS:-2}
 STEADY=${STEADY:-15}
 JOIN_RATE=${JOIN_RATE:-50}
-TMP=$(mktemp -d /tmp/edgerelay-binab.XXXXXX)
-EDGE_PID=
-cleanup() {
-  if [ -n "$EDGE_PID" ]; then kill "$EDGE_PID" 2>/dev/null || true; wait "$EDGE_PID" 2>/dev/null || true; fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+EDGERELAY_BIN=$BIN_B
+# shellcheck source=benches/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_init binab
 
 run_one() {
   local label=$1 bin=$2 round=$3 dir="$TMP/$1-$3"
@@ -40,19 +36,13 @@ listen = "127.0.0.1:0"
 publisher_tokens = ["ab-publisher-token"]
 viewer_tokens = ["ab-viewer-token"]
 TOML
-  "$bin" edge --config "$dir/edge.toml" --media-listen 127.0.0.1:0 >"$dir/out" 2>"$dir/err" &
-  EDGE_PID=$!
-  for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
-  local http
-  http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
+  EDGE_BIN=$bin start_edge "$dir/edge.toml"
   timeout $((STEADY + N / JOIN_RATE + 90)) "$BIN_B" loadtest \
-    --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
+    --whep "$HTTP/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$EDGE_PID" \
-    --source-whip "$http/whip/bench" --source-token ab-publisher-token \
+    --source-whip "$HTTP/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
-  kill "$EDGE_PID" 2>/dev/null || true
-  wait "$EDGE_PID" 2>/dev/null || true
-  EDGE_PID=
+  stop_edge
   python3 - "$dir/result.json" "$label" "$round" "$N" <<'PY'
 import json, sys
 try:

@@ -19,19 +19,9 @@ N=${N:-1000}
 JOIN_RATE=${JOIN_RATE:-200}
 STEADY=${STEADY:-10}
 BITRATE_KBPS=${BITRATE_KBPS:-2000}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${EDGERELAY_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release --bin edgerelay >&2)
-  EDGERELAY_BIN="$ROOT/target/release/edgerelay"
-fi
-TMP=$(mktemp -d /tmp/edgerelay-storm.XXXXXX)
-EDGE_PID=
-cleanup() {
-  if [ -n "$EDGE_PID" ]; then kill "$EDGE_PID" 2>/dev/null || true; wait "$EDGE_PID" 2>/dev/null || true; fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# shellcheck source=benches/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_init storm
 
 cat > "$TMP/edge.toml" <<TOML
 [node]
@@ -45,12 +35,7 @@ viewer_tokens = ["js-viewer-token"]
 max_viewers_per_room = $((N + 10))
 ${SFU_EXTRA:-}
 TOML
-"$EDGERELAY_BIN" edge --config "$TMP/edge.toml" --media-listen 127.0.0.1:0 --public-ip 127.0.0.1 \
-  >"$TMP/edge.out" 2>"$TMP/edge.err" &
-EDGE_PID=$!
-for _ in $(seq 100); do grep -q EDGERELAY_READY "$TMP/edge.out" 2>/dev/null && break; sleep 0.1; done
-HTTP=$(grep -o 'http=[^ ]*' "$TMP/edge.out" | head -1 | cut -d= -f2)
-[ -n "$HTTP" ] || { echo "edge did not start:"; cat "$TMP/edge.err"; exit 1; }
+start_edge "$TMP/edge.toml" --public-ip 127.0.0.1
 
 threads=()
 [ -n "${THREADS:-}" ] && threads=(--threads "$THREADS")
