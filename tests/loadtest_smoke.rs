@@ -91,13 +91,7 @@ fn loadtest_ten_viewers_all_receive() {
         .expect("loadtest runs");
     drop(publisher);
     drop(edge);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "loadtest failed: {stdout}");
-    let line = stdout
-        .lines()
-        .rfind(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
-    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    let r = json_report(&out);
 
     assert_eq!(r["viewers"], 10);
     assert_eq!(r["join_failures"], 0, "{r}");
@@ -148,13 +142,7 @@ fn loadtest_spawned_edge_with_bench_source_measures_delay() {
         .output()
         .expect("loadtest runs");
     let _ = std::fs::remove_file(&cache);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "loadtest failed: {stdout}");
-    let line = stdout
-        .lines()
-        .rfind(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
-    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    let r = json_report(&out);
     assert_eq!(r["viewers_receiving_steady"], 5, "{r}");
     assert!(
         r["packets_per_viewer"]["min"]
@@ -254,13 +242,7 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
     let metrics = http_get(&format!("{http}/metrics"));
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "loadtest failed: {stdout}");
-    let line = stdout
-        .lines()
-        .rfind(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
-    let r: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    let r = json_report(&out);
     assert_eq!(r["relay"], "udp", "{r}");
     assert_eq!(r["join_failures"], 0, "{r}");
     assert_eq!(r["viewers_receiving_steady"], 4, "{r}");
@@ -286,4 +268,15 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
         counter("edgerelay_turn_relayed_packets_total{direction=\"to_client\"}") >= received,
         "{metrics}"
     );
+}
+
+/// The loadtest's `--json` report: the last JSON line of a successful run.
+fn json_report(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadtest failed: {stdout}");
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
+    serde_json::from_str(line).expect("one JSON object")
 }
