@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgerelay_sfu::{RoleRequest, Sfu, SfuConfig};
+use edgerelay_sfu::{is_rtp, RoleRequest, Sfu, SfuConfig};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, MediaTime, Mid};
@@ -44,11 +44,6 @@ struct World {
     frame_no: u32,
     /// Non-RTP datagrams from the SFU kept for the untimed housekeeping.
     pending: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
-}
-
-fn is_rtp(d: &[u8]) -> bool {
-    // RTP/RTCP first byte 128..=191; RTCP packet types 192..=223 in the second byte.
-    d.len() > 1 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }
 
 fn frame(n: u32, key: bool) -> Vec<u8> {

@@ -39,8 +39,11 @@ pub use peer::Role;
 pub use slab::Key as PeerId;
 pub use stats::SfuStats;
 pub use str0m::net::Transmit;
+pub use stun::is_rtp;
 
 use peer::{Peer, Replay, TrackOut, TxTuning};
+use room::{Room, VIDEO};
+use slab::{Key, Slab};
 
 /// At most this many back-to-back str0m timeouts are served inline per peer poll
 /// (one per packet of a paced burst); the rest go through the timer heap.
@@ -54,8 +57,6 @@ const REPLAY_IN_FLIGHT: u64 = 48;
 const RTX_RATIO_CAP: f32 = 0.15;
 /// A replay that could not write for this long resynchronises its in-flight count.
 const REPLAY_STALL: Duration = Duration::from_millis(250);
-use room::{Room, VIDEO};
-use slab::{Key, Slab};
 
 /// Tunables of the SFU core; defaults suit a cloud-streaming edge.
 #[derive(Debug, Clone)]
@@ -568,8 +569,8 @@ impl Sfu {
             bwe_low_since: None,
             ssrc_map: Vec::new(),
             seq_start,
-            video_written: 0,
-            datagrams_sent: 0,
+            rtp_written: 0,
+            rtp_sent: 0,
         });
         self.by_ufrag.insert(ufrag, key);
         key
@@ -768,24 +769,18 @@ impl Sfu {
                             debug!(peer = key.as_u64(), "timeout failed: {e}");
                         }
                     } else {
-                        if p.next_timeout != Some(t) {
-                            p.next_timeout = Some(t);
-                            self.timers.push(Reverse((t, key)));
-                        }
+                        arm_timer(&mut self.timers, p, key, t);
                         return;
                     }
                 }
                 Ok(Output::Timeout(t)) => {
-                    if p.next_timeout != Some(t) {
-                        p.next_timeout = Some(t);
-                        self.timers.push(Reverse((t, key)));
-                    }
+                    arm_timer(&mut self.timers, p, key, t);
                     return;
                 }
                 Ok(Output::Transmit(t)) => {
-                    if is_rtp(&t.contents) {
+                    if stun::is_rtp(&t.contents) {
                         // Clamped: retransmissions and padding are sent but never written.
-                        p.datagrams_sent = (p.datagrams_sent + 1).min(p.video_written);
+                        p.rtp_sent = (p.rtp_sent + 1).min(p.rtp_written);
                     }
                     self.transmits.push_back(t)
                 }
@@ -1421,14 +1416,15 @@ fn forward(
             .nackable(track == VIDEO),
     );
     stats.rtp_out += 1;
-    v.video_written += 1;
+    v.rtp_written += 1;
     v.needs_tick = true;
     true
 }
 
-/// Sends a viewer the cached GOP of `layer` at once. Timestamps of the cached
-/// frames are squeezed just below the newest one, so the viewer decodes them
-/// straight away and is live at the end instead of a GOP behind.
+/// Starts feeding a viewer the cached GOP of `layer` (a slice now, the rest as its
+/// queue drains: [`pump_replay`]). Timestamps of the cached frames are squeezed just
+/// below the newest one, so the viewer decodes them straight away and is live at the
+/// end instead of a GOP behind. Returns true if something was written.
 fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut SfuStats) -> bool {
     let Some(l) = r.tracks[VIDEO].layers.get(layer) else {
         return false;
@@ -1454,6 +1450,14 @@ fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut Sf
         progress_at: now,
     });
     pump_replay(r, v, now, stats)
+}
+
+/// Puts `key`'s next str0m timeout on the timer heap (once per distinct deadline).
+fn arm_timer(timers: &mut BinaryHeap<Reverse<(Instant, Key)>>, p: &mut Peer, key: Key, t: Instant) {
+    if p.next_timeout != Some(t) {
+        p.next_timeout = Some(t);
+        timers.push(Reverse((t, key)));
+    }
 }
 
 /// Writes the next slice of a replaying viewer's cached GOP, as far as its send
@@ -1488,11 +1492,11 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
     if now.saturating_duration_since(rp.progress_at) > REPLAY_STALL {
         // Nothing left the queue for a while by our count (str0m dropped
         // something, or the count drifted): trust the queue to be drained.
-        v.datagrams_sent = v.video_written;
+        v.rtp_sent = v.rtp_written;
     }
     let mut wrote = false;
     while let Some(p) = pkts.get(rp.next) {
-        if v.video_written.saturating_sub(v.datagrams_sent) >= REPLAY_IN_FLIGHT {
+        if v.rtp_written.saturating_sub(v.rtp_sent) >= REPLAY_IN_FLIGHT {
             break;
         }
         let (ts, wallclock) = if rp.next < rp.squeeze_end {
@@ -1519,10 +1523,4 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
         stats.replay_slices += 1;
     }
     wrote
-}
-
-/// True for an RTP (not RTCP) packet: version 2 and a payload type outside
-/// RTCP's 192..=223 range (RFC 5761 demultiplexing).
-fn is_rtp(d: &[u8]) -> bool {
-    d.len() >= 12 && d[0] >> 6 == 2 && !(192..=223).contains(&d[1])
 }

@@ -175,10 +175,11 @@ pub struct Peer {
     pub ssrc_map: Vec<(Ssrc, usize, usize)>,
     /// First sequence number of the viewer's tracks.
     pub seq_start: u64,
-    /// Video packets written to str0m, for the replay's in-flight estimate.
-    pub video_written: u64,
-    /// Datagrams str0m has emitted for this peer, for the same estimate.
-    pub datagrams_sent: u64,
+    /// RTP packets written to str0m, for the replay's in-flight estimate.
+    pub rtp_written: u64,
+    /// RTP datagrams str0m has emitted for this peer (never above `rtp_written`),
+    /// for the same estimate.
+    pub rtp_sent: u64,
 }
 
 impl Peer {

@@ -5,6 +5,12 @@ pub fn is_stun(data: &[u8]) -> bool {
     data.len() >= 20 && data[0] < 4 && data[4..8] == [0x21, 0x12, 0xA4, 0x42]
 }
 
+/// True for an RTP (not RTCP) datagram: version 2 and a second byte outside RTCP's
+/// packet types 192..=223 (RFC 5761 demultiplexing).
+pub fn is_rtp(data: &[u8]) -> bool {
+    data.len() >= 12 && data[0] >> 6 == 2 && !(192..=223).contains(&data[1])
+}
+
 /// Returns the local ufrag (the part of USERNAME before ':') of a STUN request.
 /// Malformed messages give `None`; nothing here can panic on input.
 pub fn local_ufrag(data: &[u8]) -> Option<&str> {
@@ -53,6 +59,18 @@ mod tests {
     fn finds_username_after_other_attributes() {
         let m = msg(&[(0x0024, &[1, 2, 3, 4]), (0x0006, b"abcd:efgh")]);
         assert_eq!(local_ufrag(&m), Some("abcd"));
+    }
+
+    #[test]
+    fn rtp_is_told_from_rtcp_stun_and_short_datagrams() {
+        let mut rtp = [0u8; 12];
+        rtp[0] = 0x80;
+        rtp[1] = 96 | 0x80; // marker bit set, pt 96
+        assert!(is_rtp(&rtp));
+        rtp[1] = 200; // RTCP sender report
+        assert!(!is_rtp(&rtp));
+        assert!(!is_rtp(&[0x80, 96]));
+        assert!(!is_rtp(&[0u8; 20])); // STUN's first byte
     }
 
     #[test]
