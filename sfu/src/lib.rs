@@ -12,10 +12,13 @@
 #![deny(clippy::unwrap_used)]
 
 mod codec;
+mod direct;
 mod gop;
+mod key_capture;
 mod peer;
 mod room;
 mod slab;
+mod srtp_seal;
 mod stats;
 mod stun;
 
@@ -29,7 +32,8 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelData;
 use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::rtcp::{Nack, Rtcp};
+use str0m::rtp::{ExtensionValues, RawPacket, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
@@ -41,6 +45,8 @@ pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 pub use stun::is_rtp;
 
+use direct::{DirectTx, SentRecord};
+use key_capture::KeySlot;
 use peer::{Peer, Replay, TrackOut, TxTuning};
 use room::{Room, VIDEO};
 use slab::{Key, Slab};
@@ -57,6 +63,8 @@ const REPLAY_IN_FLIGHT: u64 = 48;
 const RTX_RATIO_CAP: f32 = 0.15;
 /// A replay that could not write for this long resynchronises its in-flight count.
 const REPLAY_STALL: Duration = Duration::from_millis(250);
+/// A direct-path replay waiting for its rate budget is resumed this often at most.
+const REPLAY_TICK: Duration = Duration::from_millis(5);
 
 /// Tunables of the SFU core; defaults suit a cloud-streaming edge.
 #[derive(Debug, Clone)]
@@ -86,6 +94,10 @@ pub struct SfuConfig {
     /// reacts to paced media, so this stays on whenever `bwe` is on; with `bwe`
     /// off it has no effect.
     pub pacing: bool,
+    /// Viewers' media is sealed and sent by the SFU itself ([`direct`]), not through
+    /// str0m's send queue and pacer. Bandwidth estimation needs str0m's path, so
+    /// this turns `bwe` off for viewers.
+    pub direct_send: bool,
 }
 
 impl Default for SfuConfig {
@@ -102,6 +114,7 @@ impl Default for SfuConfig {
             rtx_cache_packets: 256,
             rtx_cache_age: Duration::from_millis(600),
             pacing: true,
+            direct_send: false,
         }
     }
 }
@@ -298,14 +311,25 @@ impl Sfu {
             .enable_av1(true)
             .enable_opus(true, false)
             .set_stats_interval(None);
-        if viewer && self.cfg.bwe {
+        if viewer && self.cfg.direct_send {
+            // Incoming RTCP (NACKs) reaches the SFU as raw-packet events.
+            c = c.enable_raw_packets(true);
+        } else if viewer && self.cfg.bwe {
             c = c.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
         }
         c
     }
 
-    fn new_rtc(&self, now: Instant, viewer: bool) -> Rtc {
-        let mut rtc = self.rtc_config(viewer).build(now);
+    /// A new session, with the slot its SRTP keys will land in if it is a viewer
+    /// on the direct send path.
+    fn new_rtc(&self, now: Instant, viewer: bool) -> (Rtc, Option<KeySlot>) {
+        let cfg = self.rtc_config(viewer);
+        let (mut rtc, keys) = if viewer && self.cfg.direct_send {
+            let (rtc, slot) = key_capture::build_capturing(cfg, now);
+            (rtc, Some(slot))
+        } else {
+            (cfg.build(now), None)
+        };
         for addr in &self.cfg.candidates {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
@@ -314,7 +338,7 @@ impl Sfu {
                 Err(e) => warn!(%addr, "cannot use media address as ICE candidate: {e}"),
             }
         }
-        rtc
+        (rtc, keys)
     }
 
     fn parse_offer(offer: &str) -> Result<SdpOffer, SfuError> {
@@ -335,7 +359,7 @@ impl Sfu {
             }
         }
         let offer = Self::parse_offer(offer)?;
-        let mut rtc = self.new_rtc(now, false);
+        let (mut rtc, keys) = self.new_rtc(now, false);
         let answer = rtc
             .sdp_api()
             .accept_offer(offer)
@@ -346,7 +370,7 @@ impl Sfu {
             ));
         }
         let rk = self.room_key_or_create(room);
-        let key = self.insert_peer(now, rtc, rk, Role::Publisher);
+        let key = self.insert_peer(now, rtc, keys, rk, Role::Publisher);
         if let Some(r) = self.rooms.get_mut(rk) {
             r.publisher = Some(key);
             r.epoch = r.epoch.wrapping_add(1);
@@ -380,7 +404,7 @@ impl Sfu {
         self.tick_clock(now);
         let (rk, role) = self.admit_viewer(room, request)?;
         let offer = Self::parse_offer(offer)?;
-        let mut rtc = self.new_rtc(now, true);
+        let (mut rtc, keys) = self.new_rtc(now, true);
         let answer = rtc
             .sdp_api()
             .accept_offer(offer)
@@ -390,7 +414,7 @@ impl Sfu {
                 "the offer has no audio or video to receive (recvonly/sendrecv)".into(),
             ));
         }
-        let joined = self.add_viewer(now, rtc, rk, role, answer.to_sdp_string(), None);
+        let joined = self.add_viewer(now, (rtc, keys), rk, role, answer.to_sdp_string(), None);
         self.mark_dirty(joined.peer);
         self.run_dirty(now);
         Ok(joined)
@@ -407,7 +431,7 @@ impl Sfu {
     ) -> Result<Joined, SfuError> {
         self.tick_clock(now);
         let (rk, role) = self.admit_viewer(room, request)?;
-        let mut rtc = self.new_rtc(now, true);
+        let (mut rtc, keys) = self.new_rtc(now, true);
         let mut change = rtc.sdp_api();
         change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
         if audio {
@@ -417,21 +441,28 @@ impl Sfu {
         let Some((offer, pending)) = change.apply() else {
             return Err(SfuError::BadSdp("nothing to offer".into()));
         };
-        Ok(self.add_viewer(now, rtc, rk, role, offer.to_sdp_string(), Some(pending)))
+        Ok(self.add_viewer(
+            now,
+            (rtc, keys),
+            rk,
+            role,
+            offer.to_sdp_string(),
+            Some(pending),
+        ))
     }
 
     /// Registers a negotiated (or offered) viewer: its tracks from our own SDP, its room seat.
     fn add_viewer(
         &mut self,
         now: Instant,
-        rtc: Rtc,
+        (rtc, keys): (Rtc, Option<KeySlot>),
         rk: Key,
         role: Role,
         sdp: String,
         pending: Option<SdpPendingOffer>,
     ) -> Joined {
         let tuning = self.tuning();
-        let key = self.insert_peer(now, rtc, rk, role);
+        let key = self.insert_peer(now, rtc, keys, rk, role);
         if let Some(p) = self.peers.get_mut(key) {
             p.pending_offer = pending;
             p.tracks = sending_tracks(&sdp, p.seq_start, tuning);
@@ -542,7 +573,14 @@ impl Sfu {
         k
     }
 
-    fn insert_peer(&mut self, _now: Instant, mut rtc: Rtc, room: Key, role: Role) -> Key {
+    fn insert_peer(
+        &mut self,
+        _now: Instant,
+        mut rtc: Rtc,
+        keys: Option<KeySlot>,
+        room: Key,
+        role: Role,
+    ) -> Key {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         self.seq_seed = self
             .seq_seed
@@ -571,6 +609,8 @@ impl Sfu {
             seq_start,
             rtp_written: 0,
             rtp_sent: 0,
+            keys,
+            direct: None,
         });
         self.by_ufrag.insert(ufrag, key);
         key
@@ -724,6 +764,7 @@ impl Sfu {
             return;
         };
         p.dirty = false;
+        drain_direct(p, &mut self.transmits);
         if p.needs_tick {
             p.needs_tick = false;
             if let Err(e) = p.rtc.handle_input(Input::Timeout(now)) {
@@ -761,6 +802,21 @@ impl Sfu {
                         Some(r) => pump_replay(r, p, now, &mut self.stats),
                         None => false,
                     };
+                    if p.direct.is_some() {
+                        drain_direct(p, &mut self.transmits);
+                        if !wrote || immediate_budget == 0 {
+                            // Come back when the replay's rate budget allows more.
+                            let again =
+                                if p.tracks[VIDEO].as_ref().is_some_and(|t| t.replay.is_some()) {
+                                    t.min(now + REPLAY_TICK)
+                                } else {
+                                    t
+                                };
+                            arm_timer(&mut self.timers, p, key, again);
+                            return;
+                        }
+                        continue;
+                    }
                     if wrote {
                         p.needs_tick = false;
                         // `now`, never `t`: t may be far ahead (the next RTCP report),
@@ -774,10 +830,14 @@ impl Sfu {
                     }
                 }
                 Ok(Output::Timeout(t)) => {
+                    drain_direct(p, &mut self.transmits);
                     arm_timer(&mut self.timers, p, key, t);
                     return;
                 }
                 Ok(Output::Transmit(t)) => {
+                    if let Some(d) = p.direct.as_mut() {
+                        d.observe(&t);
+                    }
                     if stun::is_rtp(&t.contents) {
                         // Clamped: retransmissions and padding are sent but never written.
                         p.rtp_sent = (p.rtp_sent + 1).min(p.rtp_written);
@@ -814,6 +874,11 @@ impl Sfu {
             }
             Event::RtpPacket(pkt) => self.on_publisher_rtp(now, key, pkt),
             Event::KeyframeRequest(req) => self.on_viewer_keyframe_request(now, key, req),
+            Event::RawPacket(raw) => {
+                if let RawPacket::RtcpRx(Rtcp::Nack(nack)) = *raw {
+                    self.on_viewer_nack(key, &nack);
+                }
+            }
             Event::ChannelOpen(id, label) => {
                 if let Some(p) = self.peers.get_mut(key) {
                     debug!(peer = key.as_u64(), %label, "data channel open");
@@ -845,6 +910,23 @@ impl Sfu {
             return;
         };
         p.connected = true;
+        if let Some(slot) = p.keys.take() {
+            let exported = slot.lock().ok().and_then(|mut s| s.take());
+            let sealer = exported
+                .as_ref()
+                .and_then(|e| srtp_seal::SrtpSealer::new(&key_capture::provider(), e));
+            match sealer {
+                Some(s) => p.direct = Some(Box::new(DirectTx::new(s))),
+                None => {
+                    self.stats.direct_unavailable += 1;
+                    warn!(
+                        peer = key.as_u64(),
+                        profile = ?exported.map(|e| e.profile),
+                        "no SRTP keys for the direct send path; this viewer uses str0m's"
+                    );
+                }
+            }
+        }
         let role = p.role;
         let rk = p.room;
         let room = self
@@ -1072,6 +1154,74 @@ impl Sfu {
                 v.dirty = true;
                 dirty.push(vk);
             }
+        }
+    }
+
+    /// A direct-path viewer lost packets: resend them from the room's cache, the
+    /// same sequence number and bytes (SRTP replay protection lets a packet that
+    /// never arrived through), within the viewer's resend budget.
+    fn on_viewer_nack(&mut self, key: Key, nack: &Nack) {
+        let Sfu {
+            peers,
+            rooms,
+            stats,
+            dirty,
+            ..
+        } = self;
+        let Some(v) = peers.get_mut(key) else {
+            return;
+        };
+        let (Some(d), Some(t)) = (v.direct.as_mut(), v.tracks[VIDEO].as_ref()) else {
+            return;
+        };
+        if d.ssrc[VIDEO] != Some(*nack.ssrc) {
+            return;
+        }
+        let Some(l) = rooms
+            .get(v.room)
+            .and_then(|r| r.tracks[VIDEO].layers.get(t.layer))
+        else {
+            return;
+        };
+        let pkts = l.gop.packets();
+        let mut queued = false;
+        for e in nack.reports.iter() {
+            let lost = std::iter::once(e.pid).chain(
+                (0..16u16)
+                    .filter(|b| e.blp & (1 << b) != 0)
+                    .map(|b| e.pid.wrapping_add(b + 1)),
+            );
+            for seq16 in lost {
+                stats.nacked += 1;
+                let Some(rec) = d.lookup(seq16) else {
+                    stats.nack_unanswered += 1;
+                    continue;
+                };
+                let Ok(i) = pkts.binary_search_by_key(&rec.room_seq, |p| p.seq) else {
+                    stats.nack_unanswered += 1;
+                    continue;
+                };
+                let Some(cp) = pkts.get(i) else {
+                    continue;
+                };
+                let Some(Some(vpt)) = t.pt_map.iter().find(|(p, _)| *p == cp.pt).map(|(_, v)| *v)
+                else {
+                    stats.nack_unanswered += 1;
+                    continue;
+                };
+                if !d.take_resend_credit() {
+                    stats.resends_capped += 1;
+                    continue;
+                }
+                if d.queue(VIDEO, *vpt, rec.vseq, rec.ts, cp.marker, &cp.payload) {
+                    stats.direct_resends += 1;
+                    queued = true;
+                }
+            }
+        }
+        if queued && !v.dirty {
+            v.dirty = true;
+            dirty.push(key);
         }
     }
 
@@ -1345,7 +1495,12 @@ fn forward(
     room: &Room,
     stats: &mut SfuStats,
 ) -> bool {
-    let Peer { rtc, tracks, .. } = v;
+    let Peer {
+        rtc,
+        tracks,
+        direct,
+        ..
+    } = v;
     let Some(t) = tracks[track].as_mut() else {
         return false;
     };
@@ -1390,6 +1545,27 @@ fn forward(
         stats.dropped_no_codec += 1;
         return false;
     };
+    if let Some(d) = direct.as_mut() {
+        if d.ssrc[track].is_none() {
+            d.ssrc[track] = rtc
+                .direct_api()
+                .stream_tx_by_mid(t.mid, None)
+                .map(|tx| *tx.ssrc());
+        }
+        let plain = cp.ext == ExtensionValues::default();
+        if plain && !d.sync_due(track, wallclock) {
+            let seq = t.out_seq(cp.seq);
+            if d.send(track, *vpt, seq, ts, cp.marker, &cp.payload, cp.seq) {
+                stats.rtp_out += 1;
+                stats.direct_out += 1;
+                v.rtp_written += 1;
+                return true;
+            }
+            // No route or no SSRC yet, or the seal failed: str0m sends this one.
+            stats.direct_fallbacks += 1;
+            t.next_seq = seq;
+        }
+    }
     let mut api = rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(t.mid, None) else {
         stats.dropped_unknown_stream += 1;
@@ -1409,6 +1585,16 @@ fn forward(
         }
     }
     let seq = t.out_seq(cp.seq);
+    if let Some(d) = direct.as_mut() {
+        if track == VIDEO {
+            d.record(SentRecord {
+                vseq: seq,
+                room_seq: cp.seq,
+                ts,
+            });
+        }
+        stats.direct_sync += 1;
+    }
     tx.write_rtp(
         RtpWrite::new(vpt, seq.into(), ts, wallclock, cp.payload.clone())
             .marker(cp.marker)
@@ -1450,6 +1636,15 @@ fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut Sf
         progress_at: now,
     });
     pump_replay(r, v, now, stats)
+}
+
+/// Moves a direct-path viewer's sealed datagrams to the SFU's transmit queue.
+fn drain_direct(p: &mut Peer, transmits: &mut VecDeque<Transmit>) {
+    if let Some(d) = p.direct.as_mut() {
+        let n = d.out.len() as u64;
+        transmits.extend(d.out.drain(..));
+        p.rtp_sent = (p.rtp_sent + n).min(p.rtp_written);
+    }
 }
 
 /// Puts `key`'s next str0m timeout on the timer heap (once per distinct deadline).
@@ -1498,6 +1693,12 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
     while let Some(p) = pkts.get(rp.next) {
         if v.rtp_written.saturating_sub(v.rtp_sent) >= REPLAY_IN_FLIGHT {
             break;
+        }
+        if let Some(d) = v.direct.as_mut() {
+            // No pacer on this path: the replay keeps its own rate.
+            if !d.take_replay(now, p.payload.len()) {
+                break;
+            }
         }
         let (ts, wallclock) = if rp.next < rp.squeeze_end {
             if p.ts != rp.cur_ts {

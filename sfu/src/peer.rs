@@ -180,6 +180,10 @@ pub struct Peer {
     /// RTP datagrams str0m has emitted for this peer (never above `rtp_written`),
     /// for the same estimate.
     pub rtp_sent: u64,
+    /// Where the session's SRTP keys land (direct send path, until connected).
+    pub keys: Option<crate::key_capture::KeySlot>,
+    /// The direct send path, once the keys are known.
+    pub direct: Option<Box<crate::direct::DirectTx>>,
 }
 
 impl Peer {

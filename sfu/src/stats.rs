@@ -60,6 +60,23 @@ pub struct SfuStats {
     pub video_resumes: u64,
     /// str0m timeouts due within a few microseconds served without the timer heap.
     pub immediate_reticks: u64,
+    /// RTP packets sealed and sent by the direct send path.
+    pub direct_out: u64,
+    /// Direct-path packets sent through str0m instead (sender-report sync, header
+    /// extension values).
+    pub direct_sync: u64,
+    /// Direct-path packets that fell back to str0m (no route, SSRC or seal).
+    pub direct_fallbacks: u64,
+    /// Viewers that could not use the direct path (no keys, unknown SRTP profile).
+    pub direct_unavailable: u64,
+    /// Sequence numbers viewers reported lost (direct path).
+    pub nacked: u64,
+    /// Of those, resent.
+    pub direct_resends: u64,
+    /// Of those, not resent: no longer known or cached.
+    pub nack_unanswered: u64,
+    /// Of those, not resent: over the viewer's resend budget.
+    pub resends_capped: u64,
 }
 
 impl SfuStats {
@@ -94,6 +111,14 @@ impl SfuStats {
             video_pauses,
             video_resumes,
             immediate_reticks,
+            direct_out,
+            direct_sync,
+            direct_fallbacks,
+            direct_unavailable,
+            nacked,
+            direct_resends,
+            nack_unanswered,
+            resends_capped,
         );
     }
 }

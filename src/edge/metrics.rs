@@ -87,6 +87,17 @@ impl Metrics {
             c("edgerelay_packets_replayed_total", s.packets_replayed);
             c("edgerelay_replay_slices_total", s.replay_slices);
             c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
+            c("edgerelay_direct_packets_total", s.direct_out);
+            c("edgerelay_direct_sync_packets_total", s.direct_sync);
+            c("edgerelay_direct_fallbacks_total", s.direct_fallbacks);
+            c(
+                "edgerelay_direct_unavailable_viewers_total",
+                s.direct_unavailable,
+            );
+            c("edgerelay_nacked_packets_total", s.nacked);
+            c("edgerelay_direct_resends_total", s.direct_resends);
+            c("edgerelay_nack_unanswered_total", s.nack_unanswered);
+            c("edgerelay_resends_capped_total", s.resends_capped);
             c("edgerelay_input_forwarded_total", s.input_forwarded);
             c(
                 "edgerelay_input_dropped_spectator_total",

@@ -159,6 +159,7 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         keyframe_throttle: Duration::from_millis(cfg.sfu.keyframe_throttle_ms),
         max_viewers_per_room: cfg.sfu.max_viewers_per_room,
         bwe: cfg.sfu.bwe,
+        direct_send: cfg.sfu.direct_send,
         bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
         rtx_cache_age: Duration::from_millis(cfg.sfu.nack_history_ms),
         ..SfuConfig::default()

@@ -56,6 +56,10 @@ pub struct World {
     pub limits: Vec<(usize, u64, f64, Instant)>,
     /// Datagrams dropped by the limits.
     pub limited_drops: u64,
+    /// Every n-th RTP datagram to a client is lost: (client, n, count).
+    pub lossy: Vec<(usize, u32, u32)>,
+    /// Datagrams dropped by `lossy`.
+    pub lossy_drops: u64,
 }
 
 pub fn sps_pps_idr(n: u32) -> Vec<u8> {
@@ -90,6 +94,8 @@ impl World {
             blackhole: Vec::new(),
             limits: Vec::new(),
             limited_drops: 0,
+            lossy: Vec::new(),
+            lossy_drops: 0,
         }
     }
 
@@ -232,6 +238,18 @@ impl World {
                 };
                 if self.blackhole.contains(&i) || !self.admit(i, t.contents.len()) {
                     continue;
+                }
+                let rtp = t.contents.len() > 12
+                    && t.contents[0] & 0xc0 == 0x80
+                    && !(192..=223).contains(&t.contents[1]);
+                if rtp {
+                    if let Some(l) = self.lossy.iter_mut().find(|l| l.0 == i) {
+                        l.2 += 1;
+                        if l.2 % l.1 == 0 {
+                            self.lossy_drops += 1;
+                            continue;
+                        }
+                    }
                 }
                 let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
                     .expect("datagram");
