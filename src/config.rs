@@ -180,9 +180,10 @@ pub struct SfuSection {
     /// of a 2 Mbit/s stream).
     pub nack_history_ms: u64,
     /// Seal and send viewers' media in the SFU itself instead of through str0m's
-    /// send queue and pacer: about half the CPU per forwarded packet and a third
-    /// less memory per viewer, but no bandwidth estimation (`bwe` is ignored for
-    /// viewers) and replays paced at a fixed 24 Mbit/s. See docs/OPERATIONS.md.
+    /// send queue and pacer: about half the CPU per forwarded packet and half the
+    /// memory per viewer, but no bandwidth estimation (`bwe` then only applies to
+    /// viewers of simulcast rooms, which stay on str0m's path) and GOP replays paced
+    /// at a fixed 24 Mbit/s. See docs/OPERATIONS.md.
     pub direct_send: bool,
 }
 
@@ -194,7 +195,7 @@ impl Default for SfuSection {
             bwe: true,
             bwe_initial_kbps: 5000,
             nack_history_ms: 600,
-            direct_send: false,
+            direct_send: true,
         }
     }
 }

@@ -67,11 +67,12 @@ pub struct DirectTx {
 }
 
 impl DirectTx {
-    /// Direct sending for a session whose keys are `sealer`.
-    pub fn new(sealer: SrtpSealer) -> Self {
+    /// Direct sending for a session whose keys are `sealer`, on the ICE pair of
+    /// str0m's latest non-STUN datagram (`route`, the DTLS handshake's).
+    pub fn new(sealer: SrtpSealer, route: Option<(SocketAddr, SocketAddr)>) -> Self {
         DirectTx {
             sealer,
-            route: None,
+            route,
             out: VecDeque::new(),
             ssrc: [None, None],
             sync_at: [None, None],
@@ -84,8 +85,8 @@ impl DirectTx {
 
     /// Follows str0m's choice of ICE pair (called with each datagram str0m emits).
     pub fn observe(&mut self, t: &Transmit) {
-        if !crate::stun::is_stun(&t.contents) {
-            self.route = Some((t.source, t.destination));
+        if let Some(r) = route_of(t) {
+            self.route = Some(r);
         }
     }
 
@@ -201,4 +202,10 @@ impl DirectTx {
             false
         }
     }
+}
+
+/// The (source, destination) pair a non-STUN datagram of str0m's went on: after ICE,
+/// DTLS, SRTP and SCTP only leave on the selected pair (STUN checks try others).
+pub fn route_of(t: &Transmit) -> Option<(SocketAddr, SocketAddr)> {
+    (!crate::stun::is_stun(&t.contents)).then_some((t.source, t.destination))
 }

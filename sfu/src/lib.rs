@@ -96,7 +96,8 @@ pub struct SfuConfig {
     pub pacing: bool,
     /// Viewers' media is sealed and sent by the SFU itself ([`direct`]), not through
     /// str0m's send queue and pacer. Bandwidth estimation needs str0m's path, so
-    /// this turns `bwe` off for viewers.
+    /// `bwe` only applies to viewers that join a simulcast room (which stay on
+    /// str0m's path to have their layer chosen).
     pub direct_send: bool,
 }
 
@@ -114,7 +115,7 @@ impl Default for SfuConfig {
             rtx_cache_packets: 256,
             rtx_cache_age: Duration::from_millis(600),
             pacing: true,
-            direct_send: false,
+            direct_send: true,
         }
     }
 }
@@ -300,7 +301,18 @@ impl Sfu {
         }
     }
 
-    fn rtc_config(&self, viewer: bool) -> RtcConfig {
+    /// Whether a viewer joining room `rk` now goes on the direct send path: when it
+    /// is configured, unless the room's video is simulcast (choosing a layer per
+    /// viewer needs str0m's bandwidth estimate, which needs str0m's send path).
+    fn direct_for(&self, rk: Key) -> bool {
+        self.cfg.direct_send
+            && self
+                .rooms
+                .get(rk)
+                .is_none_or(|r| !r.simulcast && r.tracks[VIDEO].layers.len() <= 1)
+    }
+
+    fn rtc_config(&self, viewer: bool, direct: bool) -> RtcConfig {
         let mut c = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
@@ -311,7 +323,7 @@ impl Sfu {
             .enable_av1(true)
             .enable_opus(true, false)
             .set_stats_interval(None);
-        if viewer && self.cfg.direct_send {
+        if viewer && direct {
             // Incoming RTCP (NACKs) reaches the SFU as raw-packet events.
             c = c.enable_raw_packets(true);
         } else if viewer && self.cfg.bwe {
@@ -322,9 +334,9 @@ impl Sfu {
 
     /// A new session, with the slot its SRTP keys will land in if it is a viewer
     /// on the direct send path.
-    fn new_rtc(&self, now: Instant, viewer: bool) -> (Rtc, Option<KeySlot>) {
-        let cfg = self.rtc_config(viewer);
-        let (mut rtc, keys) = if viewer && self.cfg.direct_send {
+    fn new_rtc(&self, now: Instant, viewer: bool, direct: bool) -> (Rtc, Option<KeySlot>) {
+        let cfg = self.rtc_config(viewer, direct);
+        let (mut rtc, keys) = if viewer && direct {
             let (rtc, slot) = key_capture::build_capturing(cfg, now);
             (rtc, Some(slot))
         } else {
@@ -358,8 +370,9 @@ impl Sfu {
                 return Err(SfuError::PublisherBusy(room.to_string()));
             }
         }
+        let simulcast = offer.contains("a=simulcast");
         let offer = Self::parse_offer(offer)?;
-        let (mut rtc, keys) = self.new_rtc(now, false);
+        let (mut rtc, keys) = self.new_rtc(now, false, false);
         let answer = rtc
             .sdp_api()
             .accept_offer(offer)
@@ -373,6 +386,7 @@ impl Sfu {
         let key = self.insert_peer(now, rtc, keys, rk, Role::Publisher);
         if let Some(r) = self.rooms.get_mut(rk) {
             r.publisher = Some(key);
+            r.simulcast = simulcast;
             r.epoch = r.epoch.wrapping_add(1);
             // Every viewer restarts from the new publisher's first keyframe.
             for v in r.viewers.clone() {
@@ -404,7 +418,7 @@ impl Sfu {
         self.tick_clock(now);
         let (rk, role) = self.admit_viewer(room, request)?;
         let offer = Self::parse_offer(offer)?;
-        let (mut rtc, keys) = self.new_rtc(now, true);
+        let (mut rtc, keys) = self.new_rtc(now, true, self.direct_for(rk));
         let answer = rtc
             .sdp_api()
             .accept_offer(offer)
@@ -431,7 +445,7 @@ impl Sfu {
     ) -> Result<Joined, SfuError> {
         self.tick_clock(now);
         let (rk, role) = self.admit_viewer(room, request)?;
-        let (mut rtc, keys) = self.new_rtc(now, true);
+        let (mut rtc, keys) = self.new_rtc(now, true, self.direct_for(rk));
         let mut change = rtc.sdp_api();
         change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
         if audio {
@@ -610,6 +624,7 @@ impl Sfu {
             rtp_written: 0,
             rtp_sent: 0,
             keys,
+            handshake_route: None,
             direct: None,
         });
         self.by_ufrag.insert(ufrag, key);
@@ -837,6 +852,8 @@ impl Sfu {
                 Ok(Output::Transmit(t)) => {
                     if let Some(d) = p.direct.as_mut() {
                         d.observe(&t);
+                    } else if p.keys.is_some() {
+                        p.handshake_route = direct::route_of(&t).or(p.handshake_route);
                     }
                     if stun::is_rtp(&t.contents) {
                         // Clamped: retransmissions and padding are sent but never written.
@@ -916,7 +933,7 @@ impl Sfu {
                 .as_ref()
                 .and_then(|e| srtp_seal::SrtpSealer::new(&key_capture::provider(), e));
             match sealer {
-                Some(s) => p.direct = Some(Box::new(DirectTx::new(s))),
+                Some(s) => p.direct = Some(Box::new(DirectTx::new(s, p.handshake_route))),
                 None => {
                     self.stats.direct_unavailable += 1;
                     warn!(

@@ -182,6 +182,8 @@ pub struct Peer {
     pub rtp_sent: u64,
     /// Where the session's SRTP keys land (direct send path, until connected).
     pub keys: Option<crate::key_capture::KeySlot>,
+    /// The ICE pair str0m last sent DTLS on (direct send path, until connected).
+    pub handshake_route: Option<(SocketAddr, SocketAddr)>,
     /// The direct send path, once the keys are known.
     pub direct: Option<Box<crate::direct::DirectTx>>,
 }

@@ -108,6 +108,8 @@ pub struct Room {
     pub tracks: [TrackIn; 2],
     /// Bumped on every new publisher, so viewers recompute payload type maps.
     pub epoch: u32,
+    /// The publisher's offer announced simulcast.
+    pub simulcast: bool,
     /// When a keyframe was last requested from the publisher.
     pub last_keyframe_request: Option<Instant>,
     /// The current publisher's payload types and codecs.
@@ -124,6 +126,7 @@ impl Room {
             controller: None,
             tracks: Default::default(),
             epoch: 0,
+            simulcast: false,
             last_keyframe_request: None,
             pt_specs: Vec::new(),
         }

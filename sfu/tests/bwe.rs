@@ -13,6 +13,8 @@ fn thin_viewer_is_paused_and_resumed_without_touching_others() {
     let mut w = World::new(SfuConfig {
         bwe: true,
         bwe_initial_bps: 3_000_000,
+        // Bandwidth estimation lives on str0m's send path.
+        direct_send: false,
         ..SfuConfig::default()
     });
     let p = w.publish("r");

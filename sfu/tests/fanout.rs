@@ -254,9 +254,12 @@ fn single_section_offer_without_bundle_is_accepted() {
 
 #[test]
 fn long_gop_of_big_frames_is_replayed_whole_and_in_order() {
-    // Bandwidth estimation on (the shipped default): the pacer drains the replay, which
+    // str0m's send path with bandwidth estimation: the pacer drains the replay, which
     // the SFU feeds to str0m a slice at a time.
-    long_gop_replay(SfuConfig::default());
+    long_gop_replay(SfuConfig {
+        direct_send: false,
+        ..SfuConfig::default()
+    });
 }
 
 #[test]
@@ -265,6 +268,7 @@ fn long_gop_replay_without_bwe_is_whole_and_in_order() {
     // not tick str0m's clock forward to it (timeouts before it would then be ignored).
     long_gop_replay(SfuConfig {
         bwe: false,
+        direct_send: false,
         ..SfuConfig::default()
     });
 }

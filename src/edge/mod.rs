@@ -53,6 +53,9 @@ pub struct EdgeArgs {
     /// Region (overrides node.region).
     #[arg(long)]
     pub region: Option<String>,
+    /// Direct send path on or off (overrides sfu.direct_send).
+    #[arg(long, env = "EDGERELAY_DIRECT_SEND")]
+    pub direct_send: Option<bool>,
 }
 
 impl EdgeArgs {
@@ -85,6 +88,9 @@ impl EdgeArgs {
         }
         if let Some(r) = &self.region {
             cfg.node.region = r.clone();
+        }
+        if let Some(d) = self.direct_send {
+            cfg.sfu.direct_send = d;
         }
         cfg.validate()?;
         Ok(cfg)
