@@ -10,13 +10,16 @@
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
 # variant to the baseline (one datagram per syscall).
 #
-# Variants (edge.toml fragments):
-#   baseline      [media] batch_io = false          one system call per datagram
-#   batched_nogso [media] gso = false               recvmmsg/sendmmsg, one datagram per message
-#   batched       defaults                          recvmmsg/sendmmsg + UDP GSO (the shipped default)
-#   batched_nobwe [sfu] bwe = false                 no per-viewer bandwidth estimation
+# Variants (edge.toml fragments; "str0m" = viewers on str0m's send path, [sfu] direct_send = false):
+#   baseline      str0m, [media] batch_io = false   one system call per datagram
+#   batched_nogso str0m, [media] gso = false        recvmmsg/sendmmsg, one datagram per message
+#   batched       str0m                             recvmmsg/sendmmsg + UDP GSO, bandwidth estimation
+#   batched_nobwe str0m, [sfu] bwe = false          no per-viewer bandwidth estimation
+#   direct_nogso  [media] gso = false               direct send path (SFU-sealed SRTP), no GSO
+#   direct        defaults                          direct send path + GSO (the shipped default)
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# VARIANTS="baseline batched ..." (default: all, in that order),
 # EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
 # Note: on loopback the server's CPU also pays the kernel's delivery of each datagram to
 # the receiving client socket (and the wake-up of the client's thread); on a NIC it does not.
@@ -108,12 +111,21 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']
 PY
 }
 
-{
-  run_variant baseline $'[media]\nbatch_io = false'
-  run_variant batched_nogso $'[media]\ngso = false'
-  run_variant batched ''
-  run_variant batched_nobwe $'[sfu]\nbwe = false'
-} | tee "$TMP/results"
+STR0M=$'[sfu]\ndirect_send = false'
+fragment() {
+  case $1 in
+    baseline) echo "$STR0M"$'\n[media]\nbatch_io = false' ;;
+    batched_nogso) echo "$STR0M"$'\n[media]\ngso = false' ;;
+    batched) echo "$STR0M" ;;
+    batched_nobwe) echo "$STR0M"$'\nbwe = false' ;;
+    direct_nogso) echo $'[media]\ngso = false' ;;
+    direct) echo '' ;;
+    *) echo "unknown variant $1" >&2; return 1 ;;
+  esac
+}
+for v in ${VARIANTS:-baseline batched_nogso batched batched_nobwe direct_nogso direct}; do
+  run_variant "$v" "$(fragment "$v")"
+done | tee "$TMP/results"
 
 python3 - "$TMP/results" <<'PY'
 import re, sys

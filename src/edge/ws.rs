@@ -212,6 +212,16 @@ impl Conn {
                 reason: Utf8Bytes::from_static("protocol error"),
             })))
             .await;
+        // Wait (briefly) for the peer's Close: dropping the connection right after ours
+        // can reset it before the peer answers, which a browser reports as an unclean close.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(Ok(m)) = self.socket.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     fn take_token(&mut self) -> bool {
