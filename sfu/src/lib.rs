@@ -6,8 +6,11 @@
 //! No socket, no clock, no thread lives here, so every rule is testable in memory.
 //!
 //! A [`Sfu`] holds rooms; a room holds one publisher (the instance) and any
-//! number of viewers. RTP is forwarded in str0m's RTP mode: one shared payload
-//! per incoming packet, a renumbered header and an SRTP seal per viewer.
+//! number of viewers. Each incoming packet's payload is shared by every viewer;
+//! per viewer there is only a renumbered header and an SRTP seal, done by the
+//! SFU itself on the direct send path ([`SfuConfig::direct_send`], module
+//! `direct`) or by str0m in its RTP mode (viewers of simulcast rooms, whose layer
+//! follows str0m's bandwidth estimate).
 
 #![deny(clippy::unwrap_used)]
 
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelData;
+use str0m::config::DtlsCert;
 use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::rtcp::{Nack, Rtcp};
@@ -56,6 +60,8 @@ use slab::{Key, Slab};
 const IMMEDIATE_RETICKS: u32 = 128;
 /// A str0m timeout due within this of the current time is served inline.
 const IMMEDIATE_WINDOW: Duration = Duration::from_micros(50);
+/// The DTLS certificate shared by the SFU's sessions is replaced this often.
+const DTLS_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A replaying viewer gets more of the cached GOP while fewer than this many of
 /// its RTP packets wait in str0m's send queue.
 const REPLAY_IN_FLIGHT: u64 = 48;
@@ -217,6 +223,8 @@ pub struct Sfu {
     last_now: Option<Instant>,
     stats: SfuStats,
     seq_seed: u64,
+    /// The DTLS certificate every session presents, and when it was made.
+    dtls_cert: Option<(DtlsCert, Instant)>,
 }
 
 impl Sfu {
@@ -239,6 +247,7 @@ impl Sfu {
             last_now: None,
             stats: SfuStats::default(),
             seq_seed: 0,
+            dtls_cert: None,
         }
     }
 
@@ -334,8 +343,26 @@ impl Sfu {
 
     /// A new session, with the slot its SRTP keys will land in if it is a viewer
     /// on the direct send path.
-    fn new_rtc(&self, now: Instant, viewer: bool, direct: bool) -> (Rtc, Option<KeySlot>) {
-        let cfg = self.rtc_config(viewer, direct);
+    /// The certificate for a new session: one for all sessions (a key pair and a
+    /// signature per join cost the media thread ~0.3 ms each in a join storm), made
+    /// anew once a day. Sessions only ever check its fingerprint, from the SDP.
+    fn dtls_cert(&mut self, now: Instant) -> Option<DtlsCert> {
+        let fresh = self
+            .dtls_cert
+            .as_ref()
+            .is_some_and(|(_, born)| now.saturating_duration_since(*born) < DTLS_CERT_LIFETIME);
+        if !fresh {
+            let cert = key_capture::provider().dtls_provider.generate_certificate();
+            self.dtls_cert = cert.map(|c| (c, now));
+        }
+        self.dtls_cert.as_ref().map(|(c, _)| c.clone())
+    }
+
+    fn new_rtc(&mut self, now: Instant, viewer: bool, direct: bool) -> (Rtc, Option<KeySlot>) {
+        let mut cfg = self.rtc_config(viewer, direct);
+        if let Some(cert) = self.dtls_cert(now) {
+            cfg = cfg.set_dtls_cert(cert);
+        }
         let (mut rtc, keys) = if viewer && direct {
             let (rtc, slot) = key_capture::build_capturing(cfg, now);
             (rtc, Some(slot))

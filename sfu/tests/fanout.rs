@@ -320,3 +320,27 @@ fn long_gop_replay(cfg: SfuConfig) {
         }
     }
 }
+
+#[test]
+fn sessions_share_one_dtls_certificate() {
+    // A key pair and a signature per join would cost the media thread in a join storm;
+    // every session presents the same certificate (its fingerprint is in each SDP).
+    let mut w = world();
+    w.publish("r");
+    let fingerprint = |sdp: &str| {
+        sdp.lines()
+            .find(|l| l.starts_with("a=fingerprint:"))
+            .map(str::to_string)
+            .expect("fingerprint in SDP")
+    };
+    let now = w.now;
+    let a = w
+        .sfu
+        .view_offer(now, "r", RoleRequest::Auto, false)
+        .expect("offer a");
+    let b = w
+        .sfu
+        .view_offer(now, "r", RoleRequest::Auto, false)
+        .expect("offer b");
+    assert_eq!(fingerprint(&a.sdp), fingerprint(&b.sdp));
+}
