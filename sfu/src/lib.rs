@@ -37,7 +37,9 @@ use str0m::config::DtlsCert;
 use str0m::media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::rtcp::{Nack, Rtcp};
-use str0m::rtp::{ExtensionValues, RawPacket, RtpPacket, RtpWrite};
+use str0m::rtp::{
+    Extension, ExtensionMap, ExtensionValues, RawPacket, RtpPacket, RtpWrite, StreamTx,
+};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
@@ -335,6 +337,20 @@ impl Sfu {
         if viewer && direct {
             // Incoming RTCP (NACKs) reaches the SFU as raw-packet events.
             c = c.enable_raw_packets(true);
+            // No transport-wide sequence numbers: nothing estimates bandwidth on this
+            // path, and str0m would keep a record of each sync packet's (1,000 records,
+            // ~86 KB per viewer, filling over a quarter of an hour).
+            let exts: Vec<(u8, Extension)> = c
+                .extension_map()
+                .iter()
+                .filter(|(_, e)| **e != Extension::TransportSequenceNumber)
+                .map(|(id, e)| (id, e.clone()))
+                .collect();
+            let mut map = ExtensionMap::empty();
+            for (id, e) in exts {
+                map.set(id, e);
+            }
+            c = c.set_extension_map(map);
         } else if viewer && self.cfg.bwe {
             c = c.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
         }
@@ -1528,6 +1544,21 @@ fn forwardable_ext(e: &ExtensionValues) -> ExtensionValues {
     }
 }
 
+/// Applies the send-stream settings of str0m's path to a viewer track.
+fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
+    // The RTX ratio cap (resends stop above 15 % of the bytes sent) keeps a lossy
+    // viewer from being buried in retransmissions. str0m 0.25 keeps a per-packet
+    // byte history for it that is only trimmed when a NACK arrives, so on a clean
+    // link it grows ~24 bytes per packet (5 KB/s per viewer at 2 Mbit/s); setting
+    // the cache with no cap first drops that history. The SFU re-applies this at
+    // every keyframe it forwards, where older packets stop mattering to the decoder.
+    tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, None);
+    tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(RTX_RATIO_CAP));
+    if track == VIDEO {
+        tx.set_unpaced(!tuning.paced);
+    }
+}
+
 /// Writes one packet to a viewer's track with timestamp `ts`.
 /// Returns true if something was queued for sending.
 fn forward(
@@ -1616,16 +1647,14 @@ fn forward(
         return false;
     };
     if let Some(tuning) = t.tuning.take() {
-        // The RTX ratio cap (resends stop above 15 % of the bytes sent) keeps a lossy
-        // viewer from being buried in retransmissions. str0m 0.25 keeps a per-packet
-        // byte history for it that is only trimmed when a NACK arrives, so on a clean
-        // link it grows ~24 bytes per packet (5 KB/s per viewer at 2 Mbit/s); setting
-        // the cache with no cap first drops that history. The SFU re-applies this at
-        // every keyframe it forwards, where older packets stop mattering to the decoder.
-        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, None);
-        tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(RTX_RATIO_CAP));
-        if track == VIDEO {
-            tx.set_unpaced(!tuning.paced);
+        if direct.is_some() {
+            // The SFU answers this viewer's NACKs itself (sync packets included);
+            // str0m's cache would only hold the sync packets, one a second with
+            // sequence numbers far apart, and its ring grows to its cap (~110 KB per
+            // viewer) on such gaps. Off.
+            tx.set_rtx_cache(0, Duration::ZERO, None);
+        } else {
+            tune_tx(tx, tuning, track);
         }
     }
     let seq = t.out_seq(cp.seq);
