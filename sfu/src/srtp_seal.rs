@@ -99,6 +99,19 @@ fn derive(p: &dyn SrtpProvider, master_key: &[u8], master_salt: &[u8], label: u8
     }
 }
 
+/// Our RTP session encryption key and salt (key and master key are the same length).
+fn session_keys<const ML: usize, const SL: usize>(
+    srtp: &dyn SrtpProvider,
+    e: &Exported,
+) -> Option<([u8; ML], [u8; SL])> {
+    let (mk, ms) = master::<ML, SL>(e)?;
+    let mut key = [0u8; ML];
+    let mut salt = [0u8; SL];
+    derive(srtp, &mk, &ms, LABEL_RTP_ENCRYPTION, &mut key);
+    derive(srtp, &mk, &ms, LABEL_RTP_SALT, &mut salt);
+    Some((key, salt))
+}
+
 impl SrtpSealer {
     /// Session keys for our sending direction; None if the material does not fit
     /// the profile (or the profile is one this code does not know).
@@ -106,34 +119,23 @@ impl SrtpSealer {
         let srtp = provider.srtp_provider;
         let cipher = match e.profile {
             SrtpProfile::AEAD_AES_128_GCM => {
-                let (mk, ms) = master::<16, 12>(e)?;
-                let mut key = [0u8; 16];
-                let mut salt = [0u8; 12];
-                derive(srtp, &mk, &ms, LABEL_RTP_ENCRYPTION, &mut key);
-                derive(srtp, &mk, &ms, LABEL_RTP_SALT, &mut salt);
+                let (key, salt) = session_keys::<16, 12>(srtp, e)?;
                 Cipher::Gcm128 {
                     salt,
                     enc: srtp.aead_aes_128_gcm().create_cipher(key, true),
                 }
             }
             SrtpProfile::AEAD_AES_256_GCM => {
-                let (mk, ms) = master::<32, 12>(e)?;
-                let mut key = [0u8; 32];
-                let mut salt = [0u8; 12];
-                derive(srtp, &mk, &ms, LABEL_RTP_ENCRYPTION, &mut key);
-                derive(srtp, &mk, &ms, LABEL_RTP_SALT, &mut salt);
+                let (key, salt) = session_keys::<32, 12>(srtp, e)?;
                 Cipher::Gcm256 {
                     salt,
                     enc: srtp.aead_aes_256_gcm().create_cipher(key, true),
                 }
             }
             SrtpProfile::AES128_CM_SHA1_80 => {
+                let (key, salt) = session_keys::<16, 14>(srtp, e)?;
                 let (mk, ms) = master::<16, 14>(e)?;
-                let mut key = [0u8; 16];
-                let mut salt = [0u8; 14];
                 let mut auth = [0u8; 20];
-                derive(srtp, &mk, &ms, LABEL_RTP_ENCRYPTION, &mut key);
-                derive(srtp, &mk, &ms, LABEL_RTP_SALT, &mut salt);
                 derive(srtp, &mk, &ms, LABEL_RTP_AUTH, &mut auth);
                 Cipher::CmSha1 {
                     salt,
