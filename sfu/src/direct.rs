@@ -12,6 +12,11 @@
 //! first) still goes through str0m, as do packets that carry header extension
 //! values. Resends come from the room's GOP cache by way of a small ring that
 //! remembers which room packet each viewer sequence number was.
+//!
+//! Both paths seal with the same key, and AES-GCM must never see one nonce (SSRC,
+//! index) with two different packets: a sequence number goes out by one path only.
+//! A packet already sent (a duplicate from the publisher) is not sent again, and
+//! resends of str0m's packets are left to str0m (its small NACK cache).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,13 +24,15 @@ use std::time::{Duration, Instant};
 
 use str0m::net::{DatagramSend, Protocol, Transmit};
 
+use crate::room::VIDEO;
 use crate::srtp_seal::SrtpSealer;
 
 /// At least this often a track's packet goes through str0m, so its sender
 /// reports carry a current RTP/NTP mapping.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// Viewer sequence numbers remembered for answering NACKs (video).
-const SENT_RING: usize = 512;
+/// Viewer sequence numbers remembered per track (video: for answering NACKs; both:
+/// so that no sequence number is sent twice).
+const SENT_RING: [usize; 2] = [512, 128];
 /// Replay (cached GOP) rate towards one viewer, bytes per second.
 const REPLAY_BYTES_PER_SEC: u64 = 3_000_000;
 /// Replay burst allowance, bytes.
@@ -46,6 +53,8 @@ pub struct SentRecord {
     pub room_seq: u64,
     /// RTP timestamp it was sent with (replays squeeze them).
     pub ts: u32,
+    /// str0m sent it (a sync packet): only str0m may resend it.
+    pub by_str0m: bool,
 }
 
 /// Per-viewer state of the direct send path.
@@ -60,7 +69,7 @@ pub struct DirectTx {
     pub ssrc: [Option<u32>; 2],
     /// When each track next sends one packet through str0m.
     sync_at: [Option<Instant>; 2],
-    sent: Box<[Option<SentRecord>]>,
+    sent: [Box<[Option<SentRecord>]>; 2],
     resend_credit: u32,
     replay_tokens: u64,
     replay_refill_at: Option<Instant>,
@@ -76,7 +85,7 @@ impl DirectTx {
             out: VecDeque::new(),
             ssrc: [None, None],
             sync_at: [None, None],
-            sent: vec![None; SENT_RING].into_boxed_slice(),
+            sent: SENT_RING.map(|n| vec![None; n].into_boxed_slice()),
             resend_credit: RESEND_CREDIT_MAX / 2,
             replay_tokens: REPLAY_BURST,
             replay_refill_at: None,
@@ -118,8 +127,16 @@ impl DirectTx {
         if !self.queue(track, pt, vseq, ts, marker, payload) {
             return false;
         }
-        if track == 0 {
-            self.record(SentRecord { vseq, room_seq, ts });
+        self.record(
+            track,
+            SentRecord {
+                vseq,
+                room_seq,
+                ts,
+                by_str0m: false,
+            },
+        );
+        if track == VIDEO {
             self.resend_credit =
                 (self.resend_credit + RESEND_CREDIT_PER_PACKET).min(RESEND_CREDIT_MAX);
         }
@@ -159,19 +176,28 @@ impl DirectTx {
         true
     }
 
-    /// Remembers a video packet sent through str0m too, so a NACK for it finds it.
-    pub fn record(&mut self, r: SentRecord) {
-        let i = (r.vseq % SENT_RING as u64) as usize;
-        if let Some(s) = self.sent.get_mut(i) {
-            *s = Some(r);
+    /// Remembers a packet of `track` as sent (by either path).
+    pub fn record(&mut self, track: usize, r: SentRecord) {
+        if let Some(ring) = self.sent.get_mut(track) {
+            let n = ring.len() as u64;
+            if let Some(s) = ring.get_mut((r.vseq % n) as usize) {
+                *s = Some(r);
+            }
         }
     }
 
-    /// What the viewer's video packet with 16-bit sequence `seq16` was, if still known.
-    pub fn lookup(&self, seq16: u16) -> Option<SentRecord> {
-        // SENT_RING divides 2^16, so the slot follows from the low 16 bits alone.
-        let r = (*self.sent.get(seq16 as usize % SENT_RING)?)?;
+    /// What `track`'s packet with 16-bit sequence `seq16` was, if still known.
+    pub fn lookup(&self, track: usize, seq16: u16) -> Option<SentRecord> {
+        // The ring sizes divide 2^16, so the slot follows from the low 16 bits alone.
+        let ring = self.sent.get(track)?;
+        let r = (*ring.get(seq16 as usize % ring.len())?)?;
         (r.vseq as u16 == seq16).then_some(r)
+    }
+
+    /// True if `track`'s packet `vseq` has gone out already (by either path).
+    pub fn was_sent(&self, track: usize, vseq: u64) -> bool {
+        self.lookup(track, vseq as u16)
+            .is_some_and(|r| r.vseq == vseq)
     }
 
     /// Takes one resend from the budget (resends stay under ~15 % of packets).
@@ -208,4 +234,80 @@ impl DirectTx {
 /// DTLS, SRTP and SCTP only leave on the selected pair (STUN checks try others).
 pub fn route_of(t: &Transmit) -> Option<(SocketAddr, SocketAddr)> {
     (!crate::stun::is_stun(&t.contents)).then_some((t.source, t.destination))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::srtp_seal::Exported;
+    use str0m::crypto::dtls::SrtpProfile;
+
+    fn tx() -> DirectTx {
+        let e = Exported {
+            material: (0..56u8).collect(),
+            profile: SrtpProfile::AEAD_AES_128_GCM,
+            active: true,
+        };
+        let sealer = SrtpSealer::new(&str0m::crypto::from_feature_flags(), &e).expect("sealer");
+        let a: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:2000".parse().expect("addr");
+        let mut d = DirectTx::new(sealer, Some((a, b)));
+        d.ssrc = [Some(7), Some(8)];
+        d
+    }
+
+    #[test]
+    fn a_sequence_number_is_known_as_sent_by_one_path() {
+        let mut d = tx();
+        assert!(!d.was_sent(VIDEO, 70_000));
+        assert!(d.send(VIDEO, 96, 70_000, 1, false, b"abc", 5));
+        assert!(d.was_sent(VIDEO, 70_000));
+        assert!(
+            !d.was_sent(VIDEO, 70_000 + 65_536),
+            "another ROC is another packet"
+        );
+        let r = d.lookup(VIDEO, 70_000u64 as u16).expect("recorded");
+        assert_eq!((r.room_seq, r.by_str0m), (5, false));
+        d.record(
+            1,
+            SentRecord {
+                vseq: 9,
+                room_seq: 9,
+                ts: 0,
+                by_str0m: true,
+            },
+        );
+        assert!(d.was_sent(1, 9) && !d.was_sent(VIDEO, 9));
+        assert_eq!(d.out.len(), 1);
+        assert_eq!(d.out[0].contents.len(), 12 + 3 + 16);
+    }
+
+    #[test]
+    fn nothing_is_queued_without_a_route_or_ssrc() {
+        let mut d = tx();
+        d.ssrc[1] = None;
+        assert!(!d.send(1, 111, 1, 0, false, b"x", 1));
+        d.route = None;
+        assert!(!d.send(VIDEO, 96, 1, 0, false, b"x", 1));
+        assert!(d.out.is_empty());
+    }
+
+    #[test]
+    fn resends_are_budgeted() {
+        let mut d = tx();
+        let mut granted = 0;
+        while d.take_resend_credit() {
+            granted += 1;
+        }
+        assert!(granted > 0 && granted <= 64);
+        // ~15 % of the packets sent since.
+        for i in 0..100 {
+            assert!(d.send(VIDEO, 96, 100 + i, 0, false, b"p", i));
+        }
+        let mut again = 0;
+        while d.take_resend_credit() {
+            again += 1;
+        }
+        assert_eq!(again, 15);
+    }
 }

@@ -71,6 +71,8 @@ const REPLAY_IN_FLIGHT: u64 = 48;
 const RTX_RATIO_CAP: f32 = 0.15;
 /// A replay that could not write for this long resynchronises its in-flight count.
 const REPLAY_STALL: Duration = Duration::from_millis(250);
+/// str0m's NACK cache for a direct-path viewer (its sync packets only).
+const DIRECT_STR0M_RTX_PACKETS: usize = 8;
 /// A direct-path replay waiting for its rate budget is resumed this often at most.
 const REPLAY_TICK: Duration = Duration::from_millis(5);
 
@@ -1253,10 +1255,14 @@ impl Sfu {
             );
             for seq16 in lost {
                 stats.nacked += 1;
-                let Some(rec) = d.lookup(seq16) else {
+                let Some(rec) = d.lookup(VIDEO, seq16) else {
                     stats.nack_unanswered += 1;
                     continue;
                 };
+                if rec.by_str0m {
+                    // str0m resends its own packets (same bytes under the same index).
+                    continue;
+                }
                 let Ok(i) = pkts.binary_search_by_key(&rec.room_seq, |p| p.seq) else {
                     stats.nack_unanswered += 1;
                     continue;
@@ -1620,7 +1626,14 @@ fn forward(
         stats.dropped_no_codec += 1;
         return false;
     };
+    let seq = t.out_seq(cp.seq);
     if let Some(d) = direct.as_mut() {
+        if d.was_sent(track, seq) {
+            // A duplicate from the publisher: the viewer has it (or will NACK it).
+            // Never a second packet under one SRTP index (see `direct`).
+            stats.dropped_duplicate += 1;
+            return false;
+        }
         if d.ssrc[track].is_none() {
             d.ssrc[track] = rtc
                 .direct_api()
@@ -1629,7 +1642,6 @@ fn forward(
         }
         let plain = cp.ext == ExtensionValues::default();
         if plain && !d.sync_due(track, wallclock) {
-            let seq = t.out_seq(cp.seq);
             if d.send(track, *vpt, seq, ts, cp.marker, &cp.payload, cp.seq) {
                 stats.rtp_out += 1;
                 stats.direct_out += 1;
@@ -1638,7 +1650,6 @@ fn forward(
             }
             // No route or no SSRC yet, or the seal failed: str0m sends this one.
             stats.direct_fallbacks += 1;
-            t.next_seq = seq;
         }
     }
     let mut api = rtc.direct_api();
@@ -1648,24 +1659,24 @@ fn forward(
     };
     if let Some(tuning) = t.tuning.take() {
         if direct.is_some() {
-            // The SFU answers this viewer's NACKs itself (sync packets included);
-            // str0m's cache would only hold the sync packets, one a second with
-            // sequence numbers far apart, and its ring grows to its cap (~110 KB per
-            // viewer) on such gaps. Off.
-            tx.set_rtx_cache(0, Duration::ZERO, None);
+            // str0m resends only its own (sync) packets for this viewer, so a small
+            // cache; a large one grows towards its cap (~110 KB per viewer) on the
+            // sequence gaps between sync packets. No resend-ratio history.
+            tx.set_rtx_cache(DIRECT_STR0M_RTX_PACKETS, Duration::from_secs(1), None);
         } else {
             tune_tx(tx, tuning, track);
         }
     }
-    let seq = t.out_seq(cp.seq);
     if let Some(d) = direct.as_mut() {
-        if track == VIDEO {
-            d.record(SentRecord {
+        d.record(
+            track,
+            SentRecord {
                 vseq: seq,
                 room_seq: cp.seq,
                 ts,
-            });
-        }
+                by_str0m: true,
+            },
+        );
         stats.direct_sync += 1;
     }
     tx.write_rtp(

@@ -77,6 +77,9 @@ pub struct SfuStats {
     pub nack_unanswered: u64,
     /// Of those, not resent: over the viewer's resend budget.
     pub resends_capped: u64,
+    /// Packets not forwarded to a direct-path viewer because it had them already
+    /// (the publisher sent one twice).
+    pub dropped_duplicate: u64,
 }
 
 impl SfuStats {
@@ -119,6 +122,7 @@ impl SfuStats {
             direct_resends,
             nack_unanswered,
             resends_capped,
+            dropped_duplicate,
         );
     }
 }

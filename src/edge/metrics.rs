@@ -114,6 +114,7 @@ impl Metrics {
             d("unknown_stream", s.dropped_unknown_stream);
             d("no_codec", s.dropped_no_codec);
             d("paused", s.dropped_paused);
+            d("duplicate", s.dropped_duplicate);
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
             c(
