@@ -21,6 +21,9 @@ pub struct CachedPacket {
     pub marker: bool,
     /// Header extension values to pass on.
     pub ext: ExtensionValues,
+    /// `ext` carries nothing (decided once here, not per viewer): the direct send
+    /// path writes no extensions, so only such packets may take it.
+    pub plain: bool,
     /// The RTP payload, shared.
     pub payload: Arc<[u8]>,
     /// When the packet arrived.
@@ -196,6 +199,7 @@ mod tests {
             pt: 96.into(),
             marker: false,
             ext: ExtensionValues::default(),
+            plain: true,
             payload: Arc::from(vec![0u8; 100]),
             arrival: Instant::now(),
         }

@@ -978,7 +978,24 @@ impl Sfu {
                 .as_ref()
                 .and_then(|e| srtp_seal::SrtpSealer::new(&key_capture::provider(), e));
             match sealer {
-                Some(s) => p.direct = Some(Box::new(DirectTx::new(s, p.handshake_route))),
+                Some(s) => {
+                    p.direct = Some(Box::new(DirectTx::new(s, p.handshake_route)));
+                    // str0m resends only its own (sync) packets for this viewer: a small
+                    // cache, once. A large one grows towards its cap (~110 KB per viewer)
+                    // on the sequence gaps between sync packets. No resend-ratio history.
+                    let Peer { rtc, tracks, .. } = &mut *p;
+                    for t in tracks.iter_mut().flatten() {
+                        if let Some(tx) = rtc.direct_api().stream_tx_by_mid(t.mid, None) {
+                            tx.set_rtx_cache(
+                                DIRECT_STR0M_RTX_PACKETS,
+                                Duration::from_secs(1),
+                                None,
+                            );
+                            // Done; str0m's-path tuning would undo it.
+                            t.tuning = None;
+                        }
+                    }
+                }
                 None => {
                     self.stats.direct_unavailable += 1;
                     warn!(
@@ -1161,12 +1178,14 @@ impl Sfu {
             pkt.timestamp,
             spec.clock_rate.get(),
         );
+        let ext = forwardable_ext(&pkt.header.ext_vals);
         let cp = CachedPacket {
             seq,
             ts,
             pt,
             marker: pkt.header.marker,
-            ext: forwardable_ext(&pkt.header.ext_vals),
+            plain: ext == ExtensionValues::default(),
+            ext,
             payload: pkt.payload,
             arrival: pkt.timestamp,
         };
@@ -1205,7 +1224,7 @@ impl Sfu {
                     false
                 }
             } else {
-                if pushed == Pushed::KeyframeStart {
+                if pushed == Pushed::KeyframeStart && v.direct.is_none() {
                     // Nothing before a keyframe is worth resending: start the NACK
                     // cache (and str0m's resend-ratio history) afresh.
                     t.tuning = Some(tuning);
@@ -1640,8 +1659,7 @@ fn forward(
                 .stream_tx_by_mid(t.mid, None)
                 .map(|tx| *tx.ssrc());
         }
-        let plain = cp.ext == ExtensionValues::default();
-        if plain && !d.sync_due(track, wallclock) {
+        if cp.plain && !d.sync_due(track, wallclock) {
             if d.send(track, *vpt, seq, ts, cp.marker, &cp.payload, cp.seq) {
                 stats.rtp_out += 1;
                 stats.direct_out += 1;
@@ -1658,14 +1676,7 @@ fn forward(
         return false;
     };
     if let Some(tuning) = t.tuning.take() {
-        if direct.is_some() {
-            // str0m resends only its own (sync) packets for this viewer, so a small
-            // cache; a large one grows towards its cap (~110 KB per viewer) on the
-            // sequence gaps between sync packets. No resend-ratio history.
-            tx.set_rtx_cache(DIRECT_STR0M_RTX_PACKETS, Duration::from_secs(1), None);
-        } else {
-            tune_tx(tx, tuning, track);
-        }
+        tune_tx(tx, tuning, track);
     }
     if let Some(d) = direct.as_mut() {
         d.record(
