@@ -279,7 +279,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("sfu_forward");
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(4));
-    for viewers in [1usize, 10, 100] {
+    for viewers in [1usize, 10, 100, 500] {
         let mut w = World::new(viewers);
         // Calibrate the packets per frame (str0m's packetizer decides).
         let (_, per_frame) = w.timed_frame();

@@ -1289,8 +1289,7 @@ impl Sfu {
                 let Some(cp) = pkts.get(i) else {
                     continue;
                 };
-                let Some(Some(vpt)) = t.pt_map.iter().find(|(p, _)| *p == cp.pt).map(|(_, v)| *v)
-                else {
+                let Some(Some(vpt)) = t.pt_map.get(cp.pt) else {
                     stats.nack_unanswered += 1;
                     continue;
                 };
@@ -1608,8 +1607,8 @@ fn forward(
         t.pt_map.clear();
         t.pt_epoch = room.epoch;
     }
-    let vpt = match t.pt_map.iter().find(|(p, _)| *p == cp.pt) {
-        Some((_, vpt)) => *vpt,
+    let vpt = match t.pt_map.get(cp.pt) {
+        Some(vpt) => vpt,
         None => {
             let spec = room
                 .pt_specs
@@ -1635,9 +1634,7 @@ fn forward(
                     "viewer did not negotiate the publisher's codec; not forwarding"
                 );
             }
-            if t.pt_map.len() < 16 {
-                t.pt_map.push((cp.pt, vpt));
-            }
+            t.pt_map.insert(cp.pt, vpt);
             vpt
         }
     };

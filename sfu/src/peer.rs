@@ -66,13 +66,52 @@ pub struct TrackOut {
     /// Next sequence number to send, for re-basing.
     pub next_seq: u64,
     /// Publisher payload type -> viewer payload type, valid for `pt_epoch`.
-    pub pt_map: Vec<(Pt, Option<Pt>)>,
+    pub pt_map: PtMap,
     /// Room epoch the map was built for.
     pub pt_epoch: u32,
     /// Settings still to apply to the send stream.
     pub tuning: Option<TxTuning>,
     /// Cached GOP still being fed to the viewer (video only).
     pub replay: Option<Replay>,
+}
+
+/// Publisher payload type -> viewer payload type (`None`: the viewer has no
+/// match), held inline: it is read per packet per viewer, and a heap pointer to
+/// chase there is a cache miss per viewer at hundreds of viewers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PtMap {
+    len: u8,
+    entries: [(u8, Option<u8>); PtMap::CAPACITY],
+}
+
+impl PtMap {
+    /// Payload types remembered (a publisher uses one or two per track).
+    pub const CAPACITY: usize = 8;
+
+    /// The viewer payload type for `pt`: `None` if unknown, `Some(None)` if
+    /// known to have no match.
+    pub fn get(&self, pt: Pt) -> Option<Option<Pt>> {
+        self.entries
+            .get(..self.len as usize)?
+            .iter()
+            .find(|(p, _)| *p == *pt)
+            .map(|(_, v)| v.map(Pt::from))
+    }
+
+    /// Remembers `pt -> vpt`; false (nothing kept) when full.
+    pub fn insert(&mut self, pt: Pt, vpt: Option<Pt>) -> bool {
+        let Some(slot) = self.entries.get_mut(self.len as usize) else {
+            return false;
+        };
+        *slot = (*pt, vpt.map(|v| *v));
+        self.len += 1;
+        true
+    }
+
+    /// Forgets every mapping (the publisher's codecs changed).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
 }
 
 /// A viewer's cursor through the room's cached GOP.
@@ -112,7 +151,7 @@ impl TrackOut {
             needs_start: true,
             seq_offset: 0,
             next_seq: seq_start,
-            pt_map: Vec::new(),
+            pt_map: PtMap::default(),
             pt_epoch: u32::MAX,
             tuning: Some(tuning),
             replay: None,
@@ -203,5 +242,27 @@ impl Peer {
             .iter()
             .find(|(c, _)| *c == id)
             .map(|(_, l)| l.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pt_map_remembers_matches_and_misses_up_to_capacity() {
+        let mut m = PtMap::default();
+        assert_eq!(m.get(Pt::from(96)), None);
+        assert!(m.insert(Pt::from(96), Some(Pt::from(102))));
+        assert!(m.insert(Pt::from(97), None));
+        assert_eq!(m.get(Pt::from(96)), Some(Some(Pt::from(102))));
+        assert_eq!(m.get(Pt::from(97)), Some(None));
+        for pt in 0..PtMap::CAPACITY as u8 - 2 {
+            assert!(m.insert(Pt::from(pt), None));
+        }
+        assert!(!m.insert(Pt::from(120), None), "full");
+        assert_eq!(m.get(Pt::from(120)), None);
+        m.clear();
+        assert_eq!(m.get(Pt::from(96)), None);
     }
 }

@@ -4,13 +4,16 @@
 //! the direct path builds the header itself and seals here, with the same session
 //! keys derived from the DTLS-SRTP export (RFC 5764 §4.2 layout, RFC 3711 §4.3 key
 //! derivation), as AES-GCM (RFC 7714) or AES-CM with HMAC-SHA1-80 (RFC 3711).
-//! The block ciphers are str0m's crypto provider's, so both paths use one AES.
+//! Key derivation and AES-CM use str0m's crypto provider; AES-GCM seals with
+//! aws-lc (the library behind that provider) directly, out of place: str0m's
+//! cipher interface copies the payload into the output and seals there, a second
+//! pass over every byte per packet per viewer.
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use str0m::config::CryptoProvider;
 use str0m::crypto::dtls::SrtpProfile;
 use str0m::crypto::{
-    AeadAes128Gcm, AeadAes128GcmCipher, AeadAes256Gcm, AeadAes256GcmCipher, Aes128CmSha1_80,
-    Aes128CmSha1_80Cipher, Sha1HmacProvider, SrtpProvider,
+    AeadAes128Gcm, Aes128CmSha1_80, Aes128CmSha1_80Cipher, Sha1HmacProvider, SrtpProvider,
 };
 
 /// RFC 3711 key-derivation labels for SRTP (not SRTCP: the direct path sends no RTCP).
@@ -40,14 +43,8 @@ impl std::fmt::Debug for Exported {
 }
 
 enum Cipher {
-    Gcm128 {
-        salt: [u8; 12],
-        enc: Box<dyn AeadAes128GcmCipher>,
-    },
-    Gcm256 {
-        salt: [u8; 12],
-        enc: Box<dyn AeadAes256GcmCipher>,
-    },
+    /// AES-128-GCM or AES-256-GCM (the key says which).
+    Gcm { salt: [u8; 12], key: LessSafeKey },
     CmSha1 {
         salt: [u8; 14],
         auth: [u8; 20],
@@ -120,16 +117,16 @@ impl SrtpSealer {
         let cipher = match e.profile {
             SrtpProfile::AEAD_AES_128_GCM => {
                 let (key, salt) = session_keys::<16, 12>(srtp, e)?;
-                Cipher::Gcm128 {
+                Cipher::Gcm {
                     salt,
-                    enc: srtp.aead_aes_128_gcm().create_cipher(key, true),
+                    key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).ok()?),
                 }
             }
             SrtpProfile::AEAD_AES_256_GCM => {
                 let (key, salt) = session_keys::<32, 12>(srtp, e)?;
-                Cipher::Gcm256 {
+                Cipher::Gcm {
                     salt,
-                    enc: srtp.aead_aes_256_gcm().create_cipher(key, true),
+                    key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).ok()?),
                 }
             }
             SrtpProfile::AES128_CM_SHA1_80 => {
@@ -152,7 +149,7 @@ impl SrtpSealer {
     /// Bytes the seal adds after the payload.
     pub fn overhead(&self) -> usize {
         match self.cipher {
-            Cipher::Gcm128 { .. } | Cipher::Gcm256 { .. } => AeadAes128Gcm::TAG_LEN,
+            Cipher::Gcm { .. } => AeadAes128Gcm::TAG_LEN,
             Cipher::CmSha1 { .. } => Aes128CmSha1_80::HMAC_TAG_LEN,
         }
     }
@@ -171,15 +168,20 @@ impl SrtpSealer {
         let seq = index as u16;
         let roc = (index >> 16) as u32;
         let ok = match &mut self.cipher {
-            Cipher::Gcm128 { salt, enc } => {
+            Cipher::Gcm { salt, key } => {
+                // RFC 7714 §8.1: the IV is the same for both key sizes.
                 let iv = AeadAes128Gcm::rtp_iv(*salt, ssrc, roc, seq);
                 let (aad, body) = out.split_at_mut(hdr);
-                enc.encrypt(&iv, aad, payload, body).is_ok()
-            }
-            Cipher::Gcm256 { salt, enc } => {
-                let iv = AeadAes256Gcm::rtp_iv(*salt, ssrc, roc, seq);
-                let (aad, body) = out.split_at_mut(hdr);
-                enc.encrypt(&iv, aad, payload, body).is_ok()
+                let (ct, tag) = body.split_at_mut(len);
+                key.seal_out_of_place_scatter(
+                    Nonce::assume_unique_for_key(iv),
+                    Aad::from(&*aad),
+                    payload,
+                    ct,
+                    &[],
+                    tag,
+                )
+                .is_ok()
             }
             Cipher::CmSha1 {
                 salt,
@@ -277,6 +279,54 @@ mod tests {
                 !s.seal(&mut vec![0x80; 4], b"x", 9, 8),
                 "short header refused"
             );
+        }
+    }
+
+    /// The GCM seal (aws-lc, out of place) gives the bytes str0m's own cipher
+    /// gives, for both key sizes, across a rollover of the sequence number.
+    #[test]
+    fn gcm_seal_matches_str0m_cipher() {
+        use str0m::crypto::AeadAes256Gcm;
+        let p = provider();
+        let payload: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
+        for (profile, ml) in [
+            (SrtpProfile::AEAD_AES_128_GCM, 16),
+            (SrtpProfile::AEAD_AES_256_GCM, 32),
+        ] {
+            let e = Exported {
+                material: (0..(2 * ml + 24) as u8)
+                    .map(|b| b.wrapping_mul(31))
+                    .collect(),
+                profile,
+                active: true,
+            };
+            let mut s = SrtpSealer::new(&p, &e).expect("sealer");
+            for index in [7u64, 65_535, 65_536 + 3] {
+                let (seq, roc) = (index as u16, (index >> 16) as u32);
+                let mut header = vec![0x80u8, 96, 0, 0, 0, 0, 0, 1, 0, 0, 0x30, 0x39];
+                header[2..4].copy_from_slice(&seq.to_be_bytes());
+                let mut ours = header.clone();
+                assert!(s.seal(&mut ours, &payload, 0x3039, index));
+                let mut theirs = vec![0u8; payload.len() + 16];
+                let ok = if ml == 16 {
+                    let (key, salt) = session_keys::<16, 12>(p.srtp_provider, &e).expect("keys");
+                    let iv = AeadAes128Gcm::rtp_iv(salt, 0x3039, roc, seq);
+                    p.srtp_provider
+                        .aead_aes_128_gcm()
+                        .create_cipher(key, true)
+                        .encrypt(&iv, &header, &payload, &mut theirs)
+                } else {
+                    let (key, salt) = session_keys::<32, 12>(p.srtp_provider, &e).expect("keys");
+                    let iv = AeadAes256Gcm::rtp_iv(salt, 0x3039, roc, seq);
+                    p.srtp_provider
+                        .aead_aes_256_gcm()
+                        .create_cipher(key, true)
+                        .encrypt(&iv, &header, &payload, &mut theirs)
+                };
+                assert!(ok.is_ok());
+                assert_eq!(&ours[..12], &header[..]);
+                assert_eq!(&ours[12..], &theirs[..], "{profile:?} index {index}");
+            }
         }
     }
 
