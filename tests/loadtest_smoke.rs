@@ -268,6 +268,13 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
         counter("edgerelay_turn_relayed_packets_total{direction=\"to_client\"}") >= received,
         "{metrics}"
     );
+    // Once a viewer's channel to the SFU is bound, its media leaves from the media
+    // thread itself (ChannelData from the TURN listener), not through the hand-off.
+    let media_sends = counter("edgerelay_turn_media_sends_total");
+    let handoff = counter("edgerelay_turn_handoff_out_total");
+    eprintln!("media_sends={media_sends} handoff={handoff} received={received}");
+    assert!(media_sends >= 0.9 * received, "{metrics}");
+    assert!(handoff < 0.1 * media_sends, "{metrics}");
 }
 
 /// The loadtest's `--json` report: the last JSON line of a successful run.

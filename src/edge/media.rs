@@ -17,6 +17,7 @@ use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEv
 use edgerelay_turn::{LocalPacket, TurnHandle};
 
 use super::batch_io;
+use super::relay_send::RelaySend;
 use super::turn::Waker;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -126,6 +127,8 @@ pub struct Shared {
     pub relayed_in: AtomicU64,
     /// Datagrams sent to TURN clients through the in-process hand-off.
     pub relayed_out: AtomicU64,
+    /// Datagrams the media threads framed and sent to UDP-relayed viewers themselves.
+    pub relay_sends: AtomicU64,
     /// UDP GSO messages sent (each a run of datagrams to one viewer).
     pub gso_sends: AtomicU64,
     /// Datagrams sent inside GSO messages (divide by `gso_sends`: segments per send).
@@ -469,10 +472,18 @@ pub struct ShardSpec {
     pub relayed: Option<mpsc::Receiver<LocalPacket>>,
 }
 
+/// The built-in TURN server as the media threads use it.
+pub struct TurnSpec {
+    /// Hand-off to the TURN thread.
+    pub handle: TurnHandle,
+    /// Send to UDP-relayed viewers from the media thread itself ([`RelaySend`]).
+    pub media_sends: bool,
+}
+
 /// Starts one media thread per shard.
 pub fn spawn(
     specs: Vec<ShardSpec>,
-    turn: Option<TurnHandle>,
+    turn: Option<TurnSpec>,
     io: impl Into<MediaIo>,
 ) -> anyhow::Result<MediaHandle> {
     let io = io.into();
@@ -501,16 +512,24 @@ pub fn spawn(
         let candidates = cfg.candidates.clone();
         let thread_waker = waker.clone();
         let turn = match (&turn, relayed) {
-            (Some(h), Some(rx)) => Some(TurnLink {
-                handle: h.clone(),
-                rx,
-            }),
+            (Some(t), Some(rx)) => Some((t.handle.clone(), rx, t.media_sends)),
             _ => None,
         };
         std::thread::Builder::new()
             .name(format!("media-{shard}"))
             .spawn(move || {
                 let sender = batch_io::Sender::new(&socket, io.gso, GSO_GROUP_BY_DESTINATION);
+                // Built here: the senders' scratch buffers stay on their thread.
+                let turn = turn.map(|(handle, rx, media_sends)| TurnLink {
+                    sends: media_sends
+                        .then(|| RelaySend::new(&handle, io.gso))
+                        .and_then(|r| {
+                            r.map_err(|e| warn!("relayed viewers go through the TURN thread: {e}"))
+                                .ok()
+                        }),
+                    handle,
+                    rx,
+                });
                 if sender.gso_active() {
                     thread_shared.gso_threads.fetch_add(1, Ordering::Relaxed);
                 }
@@ -558,6 +577,8 @@ pub fn spawn(
 struct TurnLink {
     handle: TurnHandle,
     rx: mpsc::Receiver<LocalPacket>,
+    /// The media thread's own sends to UDP-relayed viewers (None: all hand-off).
+    sends: Option<RelaySend>,
 }
 
 struct Engine {
@@ -743,6 +764,31 @@ impl Engine {
         self.out.clear();
     }
 
+    /// Sends what the media thread framed for UDP-relayed viewers itself.
+    fn send_relayed(s: &mut RelaySend, shared: &Shared) {
+        if s.queued() == 0 {
+            return;
+        }
+        let (sent, r) = s.send();
+        shared.relay_sends.fetch_add(sent as u64, Ordering::Relaxed);
+        // Counted as the TURN server's relayed traffic, which it is on the wire.
+        metrics::counter!("edgerelay_turn_relayed_packets_total", "direction" => "to_client")
+            .increment(sent as u64);
+        if r.failed > 0 {
+            shared
+                .send_errors
+                .fetch_add(r.failed as u64, Ordering::Relaxed);
+        }
+        if r.gso_sends > 0 {
+            shared
+                .gso_sends
+                .fetch_add(r.gso_sends as u64, Ordering::Relaxed);
+            shared
+                .gso_segments
+                .fetch_add(r.gso_segments as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Feeds packets relayed by the built-in TURN server to the SFU.
     fn handoff_in(&mut self) {
         let Some(turn) = &self.turn else {
@@ -763,9 +809,25 @@ impl Engine {
     }
 
     fn flush(&mut self) {
+        let now = Instant::now();
+        if let Some(s) = self.turn.as_mut().and_then(|t| t.sends.as_mut()) {
+            s.refresh();
+        }
         while let Some(t) = self.sfu.poll_transmit() {
-            if let Some(turn) = &self.turn {
+            if let Some(turn) = &mut self.turn {
                 if self.relayed.contains_key(&t.destination) {
+                    let t = match turn.sends.as_mut() {
+                        Some(s) => match s.queue(now, t) {
+                            Ok(()) => {
+                                if s.queued() >= OUT_QUEUE {
+                                    Self::send_relayed(s, &self.shared);
+                                }
+                                continue;
+                            }
+                            Err(t) => t,
+                        },
+                        None => t,
+                    };
                     self.shared.relayed_out.fetch_add(1, Ordering::Relaxed);
                     if !turn
                         .handle
@@ -787,6 +849,9 @@ impl Engine {
             }
         }
         self.send_out();
+        if let Some(s) = self.turn.as_mut().and_then(|t| t.sends.as_mut()) {
+            Self::send_relayed(s, &self.shared);
+        }
         while let Some(ev) = self.sfu.poll_event() {
             match &ev {
                 SfuEvent::Connected { peer, room, role } => {

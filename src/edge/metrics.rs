@@ -138,6 +138,10 @@ impl Metrics {
                 shared.relayed_out.load(Ordering::Relaxed),
             );
             c(
+                "edgerelay_turn_media_sends_total",
+                shared.relay_sends.load(Ordering::Relaxed),
+            );
+            c(
                 "edgerelay_media_gso_sends_total",
                 shared.gso_sends.load(Ordering::Relaxed),
             );

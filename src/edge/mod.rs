@@ -7,6 +7,7 @@ pub mod http;
 pub mod media;
 pub mod metrics;
 pub mod register;
+pub mod relay_send;
 pub mod turn;
 pub mod ws;
 
@@ -203,7 +204,11 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
             relayed: rx.take(),
         })
         .collect();
-    let media = media::spawn(specs, turn.as_ref().map(|t| t.handle.clone()), &cfg.media)?;
+    let turn_link = turn.as_ref().map(|t| media::TurnSpec {
+        handle: t.handle.clone(),
+        media_sends: cfg.turn.media_sends,
+    });
+    let media = media::spawn(specs, turn_link, &cfg.media)?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await

@@ -28,6 +28,11 @@ pub struct TurnSection {
     pub credential_ttl_secs: u64,
     /// Host name or IP put in `turn:`/`turns:` URLs; default: the first public media IP.
     pub url_host: Option<String>,
+    /// The media threads frame and send their own packets to viewers relayed over
+    /// UDP (ChannelData, from the TURN listener's address) instead of handing each
+    /// one to the TURN thread; see `edge::relay_send`. Off: every relayed packet
+    /// takes the hand-off.
+    pub media_sends: bool,
     /// The TURN server itself (listeners, relay range, secrets, policy, quotas).
     pub server: TurnConfig,
 }
@@ -38,6 +43,7 @@ impl Default for TurnSection {
             enabled: false,
             credential_ttl_secs: 3600,
             url_host: None,
+            media_sends: true,
             server: TurnConfig::default(),
         }
     }

@@ -21,7 +21,11 @@ pub mod stun;
 
 pub use auth::rest_credentials;
 pub use config::TurnConfig;
-pub use driver::{ChannelPeer, LocalHandoff, LocalPacket, TurnHandle, TurnServer};
+pub use driver::{
+    ChannelPeer, LocalHandoff, LocalPacket, LocalRoutes, RouteTable, TurnHandle, TurnServer,
+};
 pub use ice::{ice_urls, link_header_values};
 
-pub use server::{Action, FiveTuple, LocalPeer, Relay, RelayAllocator, Server, Transport};
+pub use server::{
+    Action, FiveTuple, LocalPeer, LocalRoute, Relay, RelayAllocator, Server, Transport,
+};

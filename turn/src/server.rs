@@ -99,6 +99,25 @@ pub trait LocalPeer: Send + Sync {
     fn deliver(&self, relay: SocketAddr, sfu: SocketAddr, data: &[u8]);
 }
 
+/// A UDP allocation's channel to the co-located SFU: all the SFU needs to frame
+/// and send its own packets to the relayed client itself, without handing each
+/// one to the TURN thread (see [`Server::take_local_routes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalRoute {
+    /// The relayed address (the SFU's remote candidate for this client).
+    pub relay: SocketAddr,
+    /// The SFU address the channel is bound to.
+    pub sfu: SocketAddr,
+    /// The client's address as the server sees it.
+    pub client: SocketAddr,
+    /// The server's UDP listener address the client talks to.
+    pub server: SocketAddr,
+    /// The bound channel number (ChannelData header).
+    pub channel: u16,
+    /// When the channel, its permission or the allocation runs out, whichever is first.
+    pub expires: Instant,
+}
+
 /// What the driver must do after an input.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action<'a> {
@@ -326,6 +345,9 @@ pub struct Server {
     out: Vec<u8>,
     stats: Stats,
     next_sweep: Instant,
+    /// An allocation, permission or channel was created, refreshed or removed
+    /// since [`Server::take_local_routes`] last ran.
+    routes_changed: bool,
 }
 
 const SWEEP: Duration = Duration::from_secs(1);
@@ -360,6 +382,7 @@ impl Server {
             out: Vec::with_capacity(1500),
             stats: Stats::default(),
             next_sweep: now + SWEEP,
+            routes_changed: false,
         }
     }
 
@@ -434,7 +457,44 @@ impl Server {
         }
     }
 
+    /// The UDP allocations' live channels to the co-located SFU, if anything that
+    /// decides them changed since the last call (None: the last list still holds;
+    /// entries past their `expires` must be ignored by the user).
+    ///
+    /// The SFU's own packets to a relayed client are the bulk of what a co-located
+    /// TURN server relays; with these the SFU's media thread frames and sends them
+    /// itself, from a clone of the listener socket, instead of handing each one to
+    /// the TURN thread. Those packets skip the allocation's bandwidth bucket (it
+    /// guards against clients relaying to arbitrary peers; the SFU's output is
+    /// bounded by the stream it forwards).
+    pub fn take_local_routes(&mut self, now: Instant) -> Option<Vec<LocalRoute>> {
+        if !std::mem::take(&mut self.routes_changed) {
+            return None;
+        }
+        let mut routes = Vec::new();
+        for a in self.slots.iter().flatten() {
+            if a.tuple.transport != Transport::Udp {
+                continue;
+            }
+            for c in a.chans.iter().filter(|c| c.local && c.expires > now) {
+                let Some(p) = a.perm(c.peer.ip(), now) else {
+                    continue;
+                };
+                routes.push(LocalRoute {
+                    relay: a.relay.addr,
+                    sfu: c.peer,
+                    client: a.tuple.client,
+                    server: a.tuple.local,
+                    channel: c.num,
+                    expires: c.expires.min(p.expires).min(a.expires),
+                });
+            }
+        }
+        Some(routes)
+    }
+
     fn remove(&mut self, i: usize, relays: &mut dyn RelayAllocator) {
+        self.routes_changed = true;
         if let Some(a) = self.slots.get_mut(i).and_then(Option::take) {
             self.by_tuple.remove(&a.tuple);
             self.by_relay.remove(&a.relay.addr);
@@ -674,6 +734,9 @@ impl Server {
             _ => self.channel_bind(now, tuple, msg, &auth),
         };
         // Success responses are fully built by the handlers; errors here.
+        if res.is_ok() {
+            self.routes_changed = true;
+        }
         if let Err((code, reason)) = res {
             tracing::debug!(client = %tuple.client, method = msg.method, code, reason, "TURN request refused");
             let mut b = Builder::new(&mut self.out, msg.method, Class::Error, msg.tid);

@@ -520,6 +520,43 @@ fn local_sfu_handoff_even_on_loopback() {
     assert_eq!(out, Out::Client(vec![0x40, 0x05, 0, 2, 7, 7]));
 }
 
+/// A UDP allocation's channel to the SFU is published as a local route (what the
+/// SFU needs to send to the client itself), only after a change, and no longer once
+/// the allocation is deleted; channels to other peers and TCP allocations are not.
+#[test]
+fn channels_to_the_sfu_are_published_as_local_routes() {
+    let mut cfg = config();
+    cfg.allowed_peer_cidrs = vec!["203.0.113.0/24".parse().unwrap()];
+    let mut h = Harness::new(cfg);
+    let sfu = Arc::new(FakeSfu::default());
+    h.srv
+        .set_local_peer(sfu.clone(), &["127.0.0.1".parse().unwrap()]);
+    let now = h.now;
+    assert_eq!(h.srv.take_local_routes(now), None, "nothing changed yet");
+    let relay = h.allocate();
+    let sfu_addr = sa("127.0.0.1:7000");
+    assert_eq!(h.bind(0x4005, sfu_addr), None);
+    assert_eq!(h.bind(0x4006, sa("203.0.113.7:9000")), None);
+    let routes = h.srv.take_local_routes(now).expect("changed");
+    assert_eq!(routes.len(), 1, "only the channel to the SFU: {routes:?}");
+    let r = routes[0];
+    assert_eq!((r.relay, r.sfu, r.channel), (relay, sfu_addr, 0x4005));
+    assert_eq!((r.client, r.server), (h.tuple.client, h.tuple.local));
+    assert!(r.expires > now && r.expires <= now + Duration::from_secs(600));
+    assert_eq!(h.srv.take_local_routes(now), None, "taken");
+    let gone = h.authed(method::REFRESH, |b| {
+        b.u32_attr(attr::LIFETIME, 0);
+    });
+    assert_eq!(error_code(&gone), None);
+    assert_eq!(h.srv.take_local_routes(now), Some(Vec::new()));
+    // A TCP allocation's channel to the SFU is not a route (ChannelData is framed
+    // on the stream there).
+    h.tuple.transport = Transport::Tcp;
+    h.allocate();
+    assert_eq!(h.bind(0x4007, sfu_addr), None);
+    assert_eq!(h.srv.take_local_routes(now), Some(Vec::new()));
+}
+
 #[test]
 fn bandwidth_quota_drops_excess() {
     let mut cfg = config();

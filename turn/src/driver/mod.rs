@@ -11,8 +11,11 @@
 //!   (bounded channel + mio waker) and receives relayed packets through its
 //!   [`LocalPeer`] implementation ([`ChannelPeer`] is a ready-made one).
 
+mod local_routes;
 mod stream;
 mod udp;
+
+pub use local_routes::{LocalRoutes, RouteTable};
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -165,6 +168,8 @@ impl CmdTx {
 pub struct TurnHandle {
     cmd: CmdTx,
     relays: Arc<RwLock<std::collections::HashSet<SocketAddr>>>,
+    routes: Arc<LocalRoutes>,
+    udp_socks: Arc<Vec<(SocketAddr, std::net::UdpSocket)>>,
 }
 
 impl TurnHandle {
@@ -178,6 +183,22 @@ impl TurnHandle {
             relay,
             data: data.to_vec(),
         })
+    }
+
+    /// The UDP allocations' channels to the co-located SFU, kept current by the
+    /// TURN thread, so the SFU can frame and send its own packets to relayed
+    /// clients ([`TurnHandle::udp_listener_sockets`]).
+    pub fn local_routes(&self) -> Arc<LocalRoutes> {
+        self.routes.clone()
+    }
+
+    /// Clones of the UDP listener sockets (address, socket), for sending to
+    /// relayed clients from the address they talk to.
+    pub fn udp_listener_sockets(&self) -> io::Result<Vec<(SocketAddr, std::net::UdpSocket)>> {
+        self.udp_socks
+            .iter()
+            .map(|(a, s)| Ok((*a, s.try_clone()?)))
+            .collect()
     }
 
     /// Whether `addr` is the relayed address of a live allocation of this server
@@ -231,7 +252,10 @@ impl TurnServer {
         }
         let relays = Arc::new(RwLock::new(std::collections::HashSet::new()));
         let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_CAPACITY);
-        let turn = udp::TurnThread::bind(cfg, core, rx, local_peer, relays.clone())?;
+        let routes = Arc::new(LocalRoutes::default());
+        let turn =
+            udp::TurnThread::bind(cfg, core, rx, local_peer, relays.clone(), routes.clone())?;
+        let udp_socks = Arc::new(turn.listener_clones()?);
         let cmd = CmdTx {
             tx,
             waker: turn.waker(),
@@ -267,7 +291,12 @@ impl TurnServer {
             }
         }
         Ok(TurnServer {
-            handle: TurnHandle { cmd, relays },
+            handle: TurnHandle {
+                cmd,
+                relays,
+                routes,
+                udp_socks,
+            },
             udp: udp_addrs,
             tcp,
             tls,

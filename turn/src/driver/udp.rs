@@ -13,7 +13,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::io::IoSliceMut;
 
-use super::Cmd;
+use super::{Cmd, LocalRoutes};
 use crate::config::TurnConfig;
 use crate::server::{
     Action, Family, FiveTuple, LocalPeer, Relay, RelayAllocator, RelayRequest, Server, Transport,
@@ -268,6 +268,10 @@ pub(crate) struct TurnThread {
     core: Server,
     rx: Receiver<Cmd>,
     local: Option<Arc<dyn LocalPeer>>,
+    /// Where the core's channels to the SFU are published.
+    routes: Arc<LocalRoutes>,
+    /// Duplicates of the listener sockets (same bound socket) for the SFU.
+    listener_socks: Vec<(SocketAddr, StdUdp)>,
     streams: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>,
     slots: Vec<Vec<u8>>,
     metas: Vec<RecvMeta>,
@@ -341,10 +345,12 @@ impl TurnThread {
         rx: Receiver<Cmd>,
         local: Option<Arc<dyn LocalPeer>>,
         shared: Arc<RwLock<std::collections::HashSet<SocketAddr>>>,
+        routes: Arc<LocalRoutes>,
     ) -> io::Result<TurnThread> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut listeners = Vec::new();
+        let mut listener_socks = Vec::new();
         let mut max_segments = 64;
         for (i, a) in cfg.listen_udp.iter().enumerate() {
             let std = StdUdp::bind(a)?;
@@ -353,6 +359,7 @@ impl TurnThread {
             let addr = std.local_addr()?;
             let state = UdpSocketState::new(UdpSockRef::from(&std))?;
             max_segments = max_segments.min(state.max_gso_segments().max(1));
+            listener_socks.push((addr, std.try_clone()?));
             let mut sock = UdpSocket::from_std(std);
             poll.registry()
                 .register(&mut sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
@@ -386,6 +393,8 @@ impl TurnThread {
             core,
             rx,
             local,
+            routes,
+            listener_socks,
             streams: HashMap::new(),
             slots: (0..SLOTS).map(|_| vec![0u8; SLOT_LEN]).collect(),
             metas: vec![RecvMeta::default(); SLOTS],
@@ -407,6 +416,14 @@ impl TurnThread {
     pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
+    /// Clones of the UDP listener sockets, for the SFU's own sends to relayed clients.
+    pub(crate) fn listener_clones(&self) -> io::Result<Vec<(SocketAddr, StdUdp)>> {
+        self.listener_socks
+            .iter()
+            .map(|(a, s)| Ok((*a, s.try_clone()?)))
+            .collect()
+    }
+
     pub(crate) fn udp_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(|l| l.addr).collect()
     }
@@ -441,6 +458,9 @@ impl TurnThread {
             }
             self.drain_commands();
             let now = Instant::now();
+            if let Some(r) = self.core.take_local_routes(now) {
+                self.routes.publish(r);
+            }
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now, &mut self.relays);
                 if self.batch.errors > 0 {
