@@ -31,6 +31,7 @@ from relay_helpers import (
 
 HANDOFF_IN = "edgerelay_turn_handoff_in_total"
 HANDOFF_OUT = "edgerelay_turn_handoff_out_total"
+MEDIA_SENDS = "edgerelay_turn_media_sends_total"
 ALLOCATIONS_CREATED = "edgerelay_turn_allocations_created_total"
 
 
@@ -72,13 +73,13 @@ def test_chromium_relay_only(edge_factory, request, tmp_path, transport):
     media_port = int(edge.media.rsplit(":", 1)[1])
     assert remote and remote["port"] == media_port, (
         f"remote candidate should be the SFU's media port {media_port}: {digest}")
-    # The SFU got the viewer's packets through the in-process hand-off, and answered through it.
+    # The SFU got the viewer's packets through the in-process hand-off, and answered through
+    # TURN: from its media thread over UDP, through the hand-off over TCP/TLS.
     d_in = after.get(HANDOFF_IN, 0) - before.get(HANDOFF_IN, 0)
-    d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
     assert after.get(ALLOCATIONS_CREATED, 0) - before.get(ALLOCATIONS_CREATED, 0) >= 1, (
         f"no TURN allocation counted: {after.get(ALLOCATIONS_CREATED)}")
     assert d_in > 0, f"{HANDOFF_IN} did not grow ({before.get(HANDOFF_IN)} -> {after.get(HANDOFF_IN)})"
-    assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}: video did not go back through TURN"
+    _check_way_back(before, after, transport)
 
 
 def _check_rest_credentials(server: dict, secret: str, ttl: int) -> None:
@@ -153,8 +154,20 @@ def test_aiortc_relay_only_via_link_header_servers(edge_factory, request, tmp_pa
     allocations = after.get(ALLOCATIONS_CREATED, 0) - before.get(ALLOCATIONS_CREATED, 0)
     assert allocations >= 1, f"no TURN allocation over {transport} counted"
     d_in = after.get(HANDOFF_IN, 0) - before.get(HANDOFF_IN, 0)
-    d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
     assert d_in > 0, (
         f"{HANDOFF_IN} did not grow ({before.get(HANDOFF_IN)} -> {after.get(HANDOFF_IN)}): "
         f"the viewer's packets did not reach the SFU through the in-process hand-off")
-    assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}"
+    _check_way_back(before, after, transport)
+
+
+def _check_way_back(before, after, transport):
+    """Video went back to the relayed viewer: over UDP the media thread frames and sends it
+    itself (ChannelData from the TURN listener), over TCP/TLS it takes the hand-off to the TURN
+    thread (which frames it on the stream)."""
+    d_out = after.get(HANDOFF_OUT, 0) - before.get(HANDOFF_OUT, 0)
+    d_media = after.get(MEDIA_SENDS, 0) - before.get(MEDIA_SENDS, 0)
+    if transport == "udp":
+        assert d_media > 30, f"{MEDIA_SENDS} grew by only {d_media} (hand-off: {d_out})"
+    else:
+        assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}: video did not go back through TURN"
+        assert d_media == 0, f"{MEDIA_SENDS} grew by {d_media} for a {transport} allocation"
