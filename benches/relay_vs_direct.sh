@@ -6,9 +6,11 @@
 # candidate). Server CPU is the edge process's (all threads), so it includes the TURN
 # thread's work. Prints
 #   RESULT mode=direct|relay n=.. us_per_pkt=.. loss_pct=.. server_cpu_pct=.. rss_kb_per_viewer=..
+#   MEDIAN direct=.. relay=..
 #   RATIO relay/direct=..
 #
-# Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50, ROUNDS=1
+# (direct and relay alternate per round; the ratio is of the medians),
 # MODES="direct relay" (e.g. MODES=relay STEADY=330 checks TURN refreshes on a long run),
 # EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
 # The bench config raises the TURN allocation caps (generous for many viewers on one
@@ -40,21 +42,21 @@ listen_tcp = []
 relay_ip = "127.0.0.1"
 relay_port_min = 0
 relay_port_max = 0
-max_allocations_per_user = $((N + 16))
-max_allocations = $((N + 64))
+max_allocations_per_user = $((N * ${ROUNDS:-1} + 16))
+max_allocations = $((N * ${ROUNDS:-1} + 64))
 TOML
 start_edge "$TMP/edge.toml" --public-ip 127.0.0.1
 
 run_mode() {
-  local mode=$1 extra=()
+  local mode=$1 round=$2 extra=()
   [ "$mode" = relay ] && extra=(--relay udp)
-  # Each mode publishes its own room, so the runs do not share state.
+  # Each run publishes its own room, so the runs do not share state.
   timeout $((STEADY + N / JOIN_RATE + 120)) "$EDGERELAY_BIN" loadtest \
-    --whep "$HTTP/whep/$mode" --token rb-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
+    --whep "$HTTP/whep/$mode-$round" --token rb-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$EDGE_PID" "${extra[@]}" \
-    --source-whip "$HTTP/whip/$mode" --source-token rb-publisher-token \
+    --source-whip "$HTTP/whip/$mode-$round" --source-token rb-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$TMP/$mode.json" 2>"$TMP/$mode.err" || true
-  # RESULT_JSON=prefix keeps the full reports (prefix-direct.json, prefix-relay.json).
+  # RESULT_JSON=prefix keeps the full reports (prefix-direct.json, prefix-relay.json: last round).
   [ -z "${RESULT_JSON:-}" ] || cp "$TMP/$mode.json" "$RESULT_JSON-$mode.json" 2>/dev/null || true
   python3 - "$TMP/$mode.json" "$mode" "$N" <<'PY'
 import json, sys
@@ -73,20 +75,26 @@ if r.get("join_failure_sample"):
 PY
 }
 
-for mode in ${MODES:-direct relay}; do
-  run_mode "$mode"
+# Modes alternate within each round (the machine's noise hits both alike).
+for round in $(seq "${ROUNDS:-1}"); do
+  for mode in ${MODES:-direct relay}; do
+    run_mode "$mode" "$round"
+  done
 done | tee "$TMP/results"
-# The TURN thread's counters, as a check that media really went through it.
-curl -s "$HTTP/metrics" | grep -E '^edgerelay_turn_(allocations|relayed_packets_total)' || true
+# The TURN counters, as a check that media really went through it.
+curl -s "$HTTP/metrics" | grep -E '^edgerelay_turn_(allocations|relayed_packets_total|media_sends_total|handoff_out_total)' || true
 
 python3 - "$TMP/results" <<'PY'
 import re, sys
+import statistics
 rows = {}
 for line in open(sys.argv[1]):
     m = re.match(r"RESULT mode=(\S+) n=\S+ us_per_pkt=([0-9.]+)", line)
     if m:
-        rows[m.group(1)] = float(m.group(2))
+        rows.setdefault(m.group(1), []).append(float(m.group(2)))
+rows = {k: statistics.median(v) for k, v in rows.items()}
 if "direct" in rows and "relay" in rows and rows["direct"] > 0:
+    print(f"MEDIAN direct={rows['direct']:.3f} relay={rows['relay']:.3f}")
     print(f"RATIO relay/direct={rows['relay'] / rows['direct']:.2f}")
 else:
     print("RATIO relay/direct=unavailable")

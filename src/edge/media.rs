@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
 use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
-use edgerelay_turn::{LocalPacket, TurnHandle};
+use edgerelay_turn::{FxHasher, LocalPacket, TurnHandle};
 
 use super::batch_io;
 use super::relay_send::RelaySend;
@@ -544,7 +545,7 @@ pub fn spawn(
                     waker: thread_waker,
                     rx,
                     turn,
-                    relayed: HashMap::new(),
+                    relayed: HashMap::default(),
                     shared: thread_shared.clone(),
                     last_publish: Instant::now(),
                     last_prune: Instant::now(),
@@ -593,7 +594,9 @@ struct Engine {
     rx: mpsc::Receiver<MediaCmd>,
     turn: Option<TurnLink>,
     /// Relayed addresses heard from through the hand-off, with when last heard.
-    relayed: HashMap<SocketAddr, Instant>,
+    /// (Looked up per packet sent: the fast hasher; the keys are this edge's own
+    /// TURN relay addresses.)
+    relayed: HashMap<SocketAddr, Instant, BuildHasherDefault<FxHasher>>,
     shared: Arc<Shared>,
     last_publish: Instant,
     last_prune: Instant,

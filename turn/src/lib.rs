@@ -27,5 +27,5 @@ pub use driver::{
 pub use ice::{ice_urls, link_header_values};
 
 pub use server::{
-    Action, FiveTuple, LocalPeer, LocalRoute, Relay, RelayAllocator, Server, Transport,
+    Action, FiveTuple, FxHasher, LocalPeer, LocalRoute, Relay, RelayAllocator, Server, Transport,
 };

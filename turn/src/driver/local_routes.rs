@@ -7,15 +7,17 @@
 //! the read lock only when it moved, so the packet path holds no lock.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::server::LocalRoute;
+use crate::server::{FxHasher, LocalRoute};
 
 /// Routes keyed by (relayed address, SFU address): the destination and source of
-/// the SFU's datagram.
-pub type RouteTable = HashMap<(SocketAddr, SocketAddr), LocalRoute>;
+/// the SFU's datagram. Looked up per packet, so with the fast hasher (the keys are
+/// this server's own relay addresses and the SFU's).
+pub type RouteTable = HashMap<(SocketAddr, SocketAddr), LocalRoute, BuildHasherDefault<FxHasher>>;
 
 /// The published table and its version.
 #[derive(Default)]
