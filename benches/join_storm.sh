@@ -56,17 +56,21 @@ except Exception as e:
     print(f"RESULT n={sys.argv[2]} error={e!r}")
     sys.exit(0)
 kc = r["join_ms_keyframe_complete"]
+jc = r.get("join_ms_connected") or {}
+ja = r.get("join_ms_answered") or {}
 kf = r.get("keyframe_requests_edge") or {}
 print(json.dumps({k: r[k] for k in (
     "viewers", "viewers_received_any", "viewers_receiving_steady", "join_failures",
     "join_failure_sample", "ramp_seconds", "keyframe_window_seconds",
-    "join_ms_first_rtp", "join_ms_first_keyframe", "join_ms_keyframe_complete",
+    "join_ms_answered", "join_ms_connected", "join_ms_first_rtp", "join_ms_first_keyframe", "join_ms_keyframe_complete",
     "keyframe_requests_edge", "edge_counters_delta", "keyframe_requests_at_source",
     "keyframe_requests_at_source_max_per_300ms", "keyframe_requests_at_source_min_gap_ms",
     "loss_pct", "server_cpu_pct", "client_cpu_pct", "us_per_pkt")}, indent=1))
 print(f"RESULT n={r['viewers']} held={r['viewers_receiving_steady']} "
       f"keyframe_complete={r['viewers_keyframe_complete']} join_kf_p50_ms={kc['p50']} "
       f"join_kf_p99_ms={kc['p99']} join_kf_max_ms={kc['max']} "
+      f"join_answer_p99_ms={ja.get('p99')} join_connected_p50_ms={jc.get('p50')} "
+      f"join_connected_p99_ms={jc.get('p99')} "
       f"upstream_kf_requests={kf.get('upstream')} answered_by_cache={kf.get('answered_by_cache')} "
       f"budget_300ms={r['keyframe_requests_upstream_budget_300ms']} "
       f"source_kf_requests={r['keyframe_requests_at_source']} "

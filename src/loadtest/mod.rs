@@ -724,6 +724,8 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             .collect();
         Pct::of(&mut v)
     };
+    let j_ans = join_ms(|c| c.answered_us.load(Ordering::Relaxed));
+    let j_conn = join_ms(|c| c.connected_us.load(Ordering::Relaxed));
     let j_rtp = join_ms(|c| c.first_rtp_us.load(Ordering::Relaxed));
     let j_key = join_ms(|c| c.first_key_us.load(Ordering::Relaxed));
     let j_kc = join_ms(|c| c.key_complete_us.load(Ordering::Relaxed));
@@ -831,6 +833,8 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "ramp_seconds": round3(ramp_secs),
         "steady_seconds": round3(steady_secs),
         "worker_threads": nthreads,
+        "join_ms_answered": j_ans.json(),
+        "join_ms_connected": j_conn.json(),
         "join_ms_first_rtp": j_rtp.json(),
         "join_ms_first_keyframe": j_key.json(),
         "join_ms_keyframe_complete": j_kc.json(),
@@ -933,6 +937,8 @@ fn print_table(r: &Value) {
         "", "p50", "p99", "max", "n"
     ));
     for (k, name) in [
+        ("join_ms_answered", "join -> answer (signalling, ms)"),
+        ("join_ms_connected", "join -> ICE + DTLS up (ms)"),
         ("join_ms_first_rtp", "join -> first RTP (ms)"),
         ("join_ms_first_keyframe", "join -> keyframe start (ms)"),
         (

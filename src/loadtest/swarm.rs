@@ -72,6 +72,12 @@ pub struct ViewerCounters {
     pub first_key_us: AtomicU64,
     /// Microseconds from the join request to the end of the first gap-free keyframe.
     pub key_complete_us: AtomicU64,
+    /// Microseconds from the join request to the viewer entering its swarm thread
+    /// with the answer applied (signalling done), or [`NONE`].
+    pub answered_us: AtomicU64,
+    /// Microseconds from the join request to ICE + DTLS up, or [`NONE`] (splits a
+    /// slow join into connection setup and media).
+    pub connected_us: AtomicU64,
     /// DTLS up.
     pub connected: AtomicBool,
     /// Signalling or media failed.
@@ -88,6 +94,8 @@ impl Default for ViewerCounters {
             first_rtp_us: AtomicU64::new(NONE),
             first_key_us: AtomicU64::new(NONE),
             key_complete_us: AtomicU64::new(NONE),
+            connected_us: AtomicU64::new(NONE),
+            answered_us: AtomicU64::new(NONE),
             connected: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         }
@@ -325,7 +333,14 @@ impl Viewer {
                     }
                 }
                 Output::Event(e) => match e {
-                    Event::Connected => self.c.connected.store(true, Ordering::Relaxed),
+                    Event::Connected => {
+                        self.c.connected.store(true, Ordering::Relaxed);
+                        if self.c.connected_us.load(Ordering::Relaxed) == NONE {
+                            self.c
+                                .connected_us
+                                .store(self.since_request(), Ordering::Relaxed);
+                        }
+                    }
                     Event::RtpPacket(p) => self.on_rtp(&p, measuring, delays),
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                         self.fail();
@@ -476,6 +491,9 @@ fn add_viewer(
     let token = Token(viewers.len());
     poll.registry()
         .register(&mut socket, token, Interest::READABLE)?;
+    nv.counters
+        .answered_us
+        .store(nv.requested.elapsed().as_micros() as u64, Ordering::Relaxed);
     let mut v = Viewer {
         rtc: nv.rtc,
         socket,
