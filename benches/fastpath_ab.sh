@@ -17,6 +17,10 @@
 #   batched_nobwe str0m, [sfu] bwe = false          no per-viewer bandwidth estimation
 #   direct_nogso  [media] gso = false               direct send path (SFU-sealed SRTP), no GSO
 #   direct        defaults                          direct send path + GSO (the shipped default)
+#   direct_rxgro  defaults, `loadtest --receiver-gro` as `direct`, but the loopback viewers
+#                 take UDP GRO: a GSO batch is delivered into a viewer socket whole instead of
+#                 datagram by datagram inside the edge's sendmmsg (what a NIC with segmentation
+#                 offload and receivers on other machines would spare the server)
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # VARIANTS="baseline batched ..." (default: all, in that order),
@@ -38,7 +42,8 @@ trap 'rm -rf "$TMP"' EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 run_variant() {
-  local name=$1 fragment=$2 dir="$TMP/$1"
+  local name=$1 fragment=$2 dir="$TMP/$1" client=()
+  [ "$name" = direct_rxgro ] && client=(--receiver-gro)
   mkdir -p "$dir"
   cat > "$dir/edge.toml" <<TOML
 [node]
@@ -59,7 +64,7 @@ TOML
   local scrape=$!
   timeout $((STEADY + N / JOIN_RATE + 90)) "$EDGERELAY_BIN" loadtest \
     --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
-    --seconds "$STEADY" --server-pid "$pid" \
+    --seconds "$STEADY" --server-pid "$pid" "${client[@]}" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
   wait "$scrape" 2>/dev/null || true
@@ -119,11 +124,11 @@ fragment() {
     batched) echo "$STR0M" ;;
     batched_nobwe) echo "$STR0M"$'\nbwe = false' ;;
     direct_nogso) echo $'[media]\ngso = false' ;;
-    direct) echo '' ;;
+    direct | direct_rxgro) echo '' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }
-for v in ${VARIANTS:-baseline batched_nogso batched batched_nobwe direct_nogso direct}; do
+for v in ${VARIANTS:-baseline batched_nogso batched batched_nobwe direct_nogso direct direct_rxgro}; do
   run_variant "$v" "$(fragment "$v")"
 done | tee "$TMP/results"
 

@@ -7,6 +7,7 @@
 //! `--seconds`, over which packets, loss, delay and server CPU are measured; teardown.
 //! See docs/BENCHMARKS.md for the method.
 
+mod gro;
 mod h264;
 mod procstat;
 mod signal;
@@ -100,6 +101,12 @@ pub struct LoadtestArgs {
     /// TURN server (credentials from /api/ice-servers or the WHEP Link headers).
     #[arg(long, value_enum, conflicts_with = "janus")]
     pub relay: Option<RelayMode>,
+    /// Viewer sockets take UDP GRO: a GSO batch from the server is queued on the
+    /// loopback viewer whole and split here, so the server's CPU no longer includes
+    /// the per-datagram delivery into its viewers' sockets (which a NIC and remote
+    /// receivers would do). Off: the conservative figure. Linux only.
+    #[arg(long)]
+    pub receiver_gro: bool,
     /// Seconds between samples of the server's RSS in the steady phase.
     #[arg(long, default_value_t = 1)]
     pub rss_interval: u64,
@@ -444,7 +451,10 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let rss_before = server_sample(args.server_pid);
 
     // Workers.
-    let shared = Arc::new(SwarmShared::default());
+    let shared = Arc::new(SwarmShared {
+        gro: args.receiver_gro,
+        ..SwarmShared::default()
+    });
     let nthreads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))

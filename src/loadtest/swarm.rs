@@ -16,6 +16,7 @@ use str0m::media::Pt;
 use str0m::net::{Protocol, Receive};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
+use super::gro;
 use super::h264;
 use super::source::unix_micros;
 use super::turn_client::{TurnClient, TurnEvent, TurnInput};
@@ -125,6 +126,8 @@ pub struct SwarmShared {
     pub measuring: AtomicBool,
     /// TURN requests of relayed viewers that failed after the join (refreshes).
     pub turn_errors: AtomicU64,
+    /// Viewer sockets take UDP GRO (`--receiver-gro`, see [`gro`]).
+    pub gro: bool,
 }
 
 /// A running worker thread; `join` returns its one-way delay samples in microseconds.
@@ -240,6 +243,37 @@ impl Viewer {
             }
             self.window[i] = v;
         }
+    }
+
+    /// One datagram from `source`: through the TURN client if relayed, then str0m.
+    fn on_datagram(
+        &mut self,
+        source: SocketAddr,
+        data: &[u8],
+        shared: &SwarmShared,
+        measuring: bool,
+        delays: &mut Vec<u32>,
+    ) {
+        let now = Instant::now();
+        let (source, data): (SocketAddr, &[u8]) = match self.turn.as_mut() {
+            None => (source, data),
+            Some(tc) if source == tc.server() => match tc.handle_input(now, data) {
+                TurnInput::Peer(peer, data) => (peer, data),
+                TurnInput::Consumed => {
+                    self.flush_turn(shared);
+                    return;
+                }
+                TurnInput::Ignored => return,
+            },
+            Some(_) => return,
+        };
+        let Ok(r) = Receive::new(Protocol::Udp, source, self.local, data) else {
+            return;
+        };
+        if let Err(e) = self.rtc.handle_input(Input::Receive(now, r)) {
+            tracing::trace!("viewer dropped datagram: {e}");
+        }
+        self.drain(measuring, delays);
     }
 
     fn on_rtp(&mut self, pkt: &str0m::rtp::RtpPacket, measuring: bool, delays: &mut Vec<u32>) {
@@ -383,7 +417,7 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
     let mut events = Events::with_capacity(1024);
     let mut viewers: Vec<Viewer> = Vec::new();
     let mut delays: Vec<u32> = Vec::new();
-    let mut buf = vec![0u8; RECV_BUF];
+    let mut buf = vec![0u8; if shared.gro { gro::GRO_BUF } else { RECV_BUF }];
     let mut next_tick = Instant::now();
     let mut rx_open = true;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -392,7 +426,8 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
         while rx_open {
             match rx.try_recv() {
                 Ok(nv) => {
-                    if let Err(e) = add_viewer(&mut poll, &mut viewers, nv, &mut delays) {
+                    if let Err(e) = add_viewer(&mut poll, &mut viewers, nv, &mut delays, shared.gro)
+                    {
                         tracing::warn!("cannot add viewer: {e:#}");
                     }
                 }
@@ -411,30 +446,16 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
             }
             // Bounded per wake-up so one busy socket cannot starve the others.
             for _ in 0..256 {
-                match v.socket.recv_from(&mut buf) {
-                    Ok((n, source)) => {
-                        let now = Instant::now();
-                        let (source, data): (SocketAddr, &[u8]) = match v.turn.as_mut() {
-                            None => (source, &buf[..n]),
-                            Some(tc) if source == tc.server() => {
-                                match tc.handle_input(now, &buf[..n]) {
-                                    TurnInput::Peer(peer, data) => (peer, data),
-                                    TurnInput::Consumed => {
-                                        v.flush_turn(shared);
-                                        continue;
-                                    }
-                                    TurnInput::Ignored => continue,
-                                }
-                            }
-                            Some(_) => continue,
-                        };
-                        let Ok(r) = Receive::new(Protocol::Udp, source, v.local, data) else {
-                            continue;
-                        };
-                        if let Err(e) = v.rtc.handle_input(Input::Receive(now, r)) {
-                            tracing::trace!("viewer dropped datagram: {e}");
+                let got = if shared.gro {
+                    gro::recv(&v.socket, &mut buf)
+                } else {
+                    v.socket.recv_from(&mut buf).map(|(n, a)| (n, a, n))
+                };
+                match got {
+                    Ok((n, source, segment)) => {
+                        for data in buf[..n].chunks(segment) {
+                            v.on_datagram(source, data, shared, measuring, &mut delays);
                         }
-                        v.drain(measuring, &mut delays);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -479,6 +500,7 @@ fn add_viewer(
     viewers: &mut Vec<Viewer>,
     nv: NewViewer,
     delays: &mut Vec<u32>,
+    gro_on: bool,
 ) -> anyhow::Result<()> {
     let local = match nv.turn.as_ref().and_then(TurnClient::relayed) {
         Some(relayed) => relayed,
@@ -487,6 +509,9 @@ fn add_viewer(
     nv.socket.set_nonblocking(true)?;
     let sock2 = socket2::SockRef::from(&nv.socket);
     let _ = sock2.set_recv_buffer_size(SO_RCVBUF);
+    if gro_on {
+        gro::enable(&nv.socket)?;
+    }
     let mut socket = UdpSocket::from_std(nv.socket);
     let token = Token(viewers.len());
     poll.registry()
