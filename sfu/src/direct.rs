@@ -97,6 +97,16 @@ impl DirectTx {
         }
     }
 
+    /// Hints the CPU to load what [`DirectTx::send`] reads first (the fan-out loop
+    /// calls this a few viewers ahead).
+    pub fn prefetch(&self) {
+        crate::peer::prefetch(&self.route);
+        crate::peer::prefetch(&self.sealer);
+        crate::peer::prefetch(&self.out);
+        crate::peer::prefetch(&self.sent);
+        crate::peer::prefetch(&self.unsent_from);
+    }
+
     /// Follows str0m's choice of ICE pair (called with each datagram str0m emits).
     pub fn observe(&mut self, t: &Transmit) {
         if let Some(r) = route_of(t) {

@@ -1200,7 +1200,24 @@ impl Sfu {
             Pushed::Packet
         };
         let r: &Room = r;
-        for &vk in &r.viewers {
+        for (i, &vk) in r.viewers.iter().enumerate() {
+            // Start loading viewers a few places ahead: each is a separate, large
+            // entry, and at hundreds of viewers every one is a cache miss in turn.
+            if let Some(p) = r
+                .viewers
+                .get(i + 2 * PREFETCH_AHEAD)
+                .and_then(|&k| peers.get(k))
+            {
+                peer::prefetch_hot(p);
+            }
+            if let Some(d) = r
+                .viewers
+                .get(i + PREFETCH_AHEAD)
+                .and_then(|&k| peers.get(k))
+                .and_then(|p| p.direct.as_deref())
+            {
+                d.prefetch();
+            }
             let Some(v) = peers.get_mut(vk) else {
                 continue;
             };
@@ -1582,6 +1599,11 @@ fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
         tx.set_unpaced(!tuning.paced);
     }
 }
+
+/// How many viewers ahead the fan-out loop starts loading a viewer's state (twice
+/// that for the viewer's entry itself, so its pointer to the direct-path state is
+/// in cache when that is prefetched).
+const PREFETCH_AHEAD: usize = 4;
 
 /// Writes one packet to a viewer's track with timestamp `ts`.
 /// Returns true if something was queued for sending.
