@@ -245,6 +245,26 @@ impl Peer {
     }
 }
 
+/// Hints the CPU to load the fields of `p` the fan-out reads per packet.
+pub fn prefetch_hot(p: &Peer) {
+    prefetch(&p.connected);
+    prefetch(&p.tracks);
+    prefetch(&p.direct);
+}
+
+/// Starts loading the cache line at `v` (no effect on results; never faults).
+#[inline(always)]
+pub fn prefetch<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch hint reads nothing architecturally and cannot fault; the
+    // pointer comes from a live reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(v as *const T as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,24 +285,4 @@ mod tests {
         m.clear();
         assert_eq!(m.get(Pt::from(96)), None);
     }
-}
-
-/// Hints the CPU to load the fields of `p` the fan-out reads per packet.
-pub fn prefetch_hot(p: &Peer) {
-    prefetch(&p.connected);
-    prefetch(&p.tracks);
-    prefetch(&p.direct);
-}
-
-/// Starts loading the cache line at `v` (no effect on results; never faults).
-#[inline(always)]
-pub fn prefetch<T>(v: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch hint reads nothing architecturally and cannot fault; the
-    // pointer comes from a live reference anyway.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(v as *const T as *const i8, std::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
 }
