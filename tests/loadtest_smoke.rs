@@ -239,6 +239,9 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
         .stderr(Stdio::inherit())
         .output()
         .expect("loadtest runs");
+    // The viewers deleted their allocations on the way out (Refresh, lifetime 0);
+    // the gauge follows within the TURN thread's one-second sweep.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let metrics = http_get(&format!("{http}/metrics"));
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
@@ -257,6 +260,13 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edgerelay_turn_allocations ")),
+        "{metrics}"
+    );
+    assert_eq!(counter("edgerelay_turn_allocations "), 0.0, "{metrics}");
     assert_eq!(
         counter("edgerelay_turn_allocations_created_total"),
         4.0,

@@ -488,9 +488,14 @@ fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::R
             }
         }
     }
+    let now = Instant::now();
     for v in &mut viewers {
         v.rtc.disconnect();
         v.drain(false, &mut delays);
+        if let Some(tc) = v.turn.as_mut() {
+            tc.deallocate(now);
+            v.flush_turn(shared);
+        }
     }
     Ok(delays)
 }

@@ -43,6 +43,8 @@ const PROTO_UDP: u8 = 17;
 enum Kind {
     Allocate,
     Refresh,
+    /// Refresh with LIFETIME 0: the allocation is deleted (RFC 8656 §7.2).
+    Deallocate,
     Permission(Vec<SocketAddr>),
     ChannelBind(u16, SocketAddr),
 }
@@ -240,6 +242,15 @@ impl TurnClient {
         }
     }
 
+    /// Deletes the allocation (a Refresh with LIFETIME 0), as a browser does when it
+    /// closes: the server frees it now instead of at its expiry, and a later client
+    /// on the same local port is not refused with 437 (allocation mismatch).
+    pub fn deallocate(&mut self, now: Instant) {
+        if self.relayed.is_some() {
+            self.start(now, Kind::Deallocate);
+        }
+    }
+
     /// Encodes `payload` for `peer`: ChannelData when a channel is bound, else a Send
     /// indication. Returns false when there is no allocation yet.
     pub fn encode_to_peer(&self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) -> bool {
@@ -341,6 +352,10 @@ impl TurnClient {
                 self.events.push_back(TurnEvent::Allocated(relayed));
             }
             Kind::Refresh => self.set_lifetime(now, m.lifetime),
+            Kind::Deallocate => {
+                self.relayed = None;
+                self.refresh_at = None;
+            }
             Kind::Permission(peers) => self.events.push_back(TurnEvent::PermissionCreated(peers)),
             Kind::ChannelBind(n, peer) => {
                 let mut first = false;
@@ -384,7 +399,7 @@ impl TurnClient {
     fn encode(&mut self, kind: &Kind, tid: [u8; 12]) -> Vec<u8> {
         let m = match kind {
             Kind::Allocate => method::ALLOCATE,
-            Kind::Refresh => method::REFRESH,
+            Kind::Refresh | Kind::Deallocate => method::REFRESH,
             Kind::Permission(_) => method::CREATE_PERMISSION,
             Kind::ChannelBind(..) => method::CHANNEL_BIND,
         };
@@ -398,6 +413,9 @@ impl TurnClient {
                 }
                 Kind::Refresh => {
                     b.u32_attr(attr::LIFETIME, REQUESTED_LIFETIME);
+                }
+                Kind::Deallocate => {
+                    b.u32_attr(attr::LIFETIME, 0);
                 }
                 Kind::Permission(peers) => {
                     for p in peers {
