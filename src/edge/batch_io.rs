@@ -98,6 +98,16 @@ impl Datagram for (SocketAddr, &[u8]) {
     }
 }
 
+/// What the SFU emits, sent as it is (no per-flush list of slices to build).
+impl Datagram for edgerelay_sfu::Transmit {
+    fn dest(&self) -> SocketAddr {
+        self.destination
+    }
+    fn parts(&self) -> (&[u8], &[u8]) {
+        (&[], &self.contents)
+    }
+}
+
 /// One datagram with one plain `send_to` (the fallbacks; a two-part datagram is
 /// joined first).
 fn send_one<D: Datagram>(sock: &UdpSocket, d: &D) -> io::Result<usize> {

@@ -611,6 +611,22 @@ struct Engine {
     received_at: Option<Instant>,
 }
 
+impl Shared {
+    /// Adds one send round's failures and GSO use to the counters.
+    fn count_sends(&self, r: &batch_io::SendReport) {
+        if r.failed > 0 {
+            self.send_errors
+                .fetch_add(r.failed as u64, Ordering::Relaxed);
+        }
+        if r.gso_sends > 0 {
+            self.gso_sends
+                .fetch_add(r.gso_sends as u64, Ordering::Relaxed);
+            self.gso_segments
+                .fetch_add(r.gso_segments as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.
 const OUT_QUEUE: usize = batch_io::BATCH * 4;
@@ -740,27 +756,9 @@ impl Engine {
         if self.out.is_empty() {
             return;
         }
-        let items: Vec<(SocketAddr, &[u8])> = self
-            .out
-            .iter()
-            .map(|t| (t.destination, &t.contents[..]))
-            .collect();
         let was_gso = self.sender.gso_active();
-        let report = self.sender.send(&self.socket, &items);
-        drop(items);
-        if report.failed > 0 {
-            self.shared
-                .send_errors
-                .fetch_add(report.failed as u64, Ordering::Relaxed);
-        }
-        if report.gso_sends > 0 {
-            self.shared
-                .gso_sends
-                .fetch_add(report.gso_sends as u64, Ordering::Relaxed);
-            self.shared
-                .gso_segments
-                .fetch_add(report.gso_segments as u64, Ordering::Relaxed);
-        }
+        let report = self.sender.send(&self.socket, &self.out);
+        self.shared.count_sends(&report);
         if was_gso && !self.sender.gso_active() {
             self.shared.gso_threads.fetch_sub(1, Ordering::Relaxed);
         }
@@ -777,19 +775,7 @@ impl Engine {
         // Counted as the TURN server's relayed traffic, which it is on the wire.
         metrics::counter!("edgerelay_turn_relayed_packets_total", "direction" => "to_client")
             .increment(sent as u64);
-        if r.failed > 0 {
-            shared
-                .send_errors
-                .fetch_add(r.failed as u64, Ordering::Relaxed);
-        }
-        if r.gso_sends > 0 {
-            shared
-                .gso_sends
-                .fetch_add(r.gso_sends as u64, Ordering::Relaxed);
-            shared
-                .gso_segments
-                .fetch_add(r.gso_segments as u64, Ordering::Relaxed);
-        }
+        shared.count_sends(&r);
     }
 
     /// Feeds packets relayed by the built-in TURN server to the SFU.
