@@ -44,6 +44,21 @@ const RESEND_COST: u32 = 100;
 /// Resend credit cap (a burst of this many / 100 packets).
 const RESEND_CREDIT_MAX: u32 = 64 * RESEND_COST;
 
+/// One RTP packet as the direct path writes it for a viewer.
+#[derive(Debug, Clone, Copy)]
+pub struct RtpOut<'a> {
+    /// The viewer's payload type.
+    pub pt: u8,
+    /// Extended viewer sequence number (SRTP index).
+    pub vseq: u64,
+    /// RTP timestamp.
+    pub ts: u32,
+    /// RTP marker bit.
+    pub marker: bool,
+    /// The payload, shared by every viewer.
+    pub payload: &'a [u8],
+}
+
 /// What a viewer sequence number was sent as.
 #[derive(Debug, Clone, Copy)]
 pub struct SentRecord {
@@ -126,28 +141,19 @@ impl DirectTx {
         self.route.is_none()
     }
 
-    /// Builds, seals and queues one new RTP packet (and remembers video ones for
-    /// NACKs). False if there is no route yet or the seal failed (the caller counts it).
-    #[allow(clippy::too_many_arguments)]
-    pub fn send(
-        &mut self,
-        track: usize,
-        pt: u8,
-        vseq: u64,
-        ts: u32,
-        marker: bool,
-        payload: &[u8],
-        room_seq: u64,
-    ) -> bool {
-        if !self.queue(track, pt, vseq, ts, marker, payload) {
+    /// Builds, seals and queues one new RTP packet (room packet `room_seq`; video
+    /// ones are remembered for NACKs). False if there is no route yet or the seal
+    /// failed (the caller counts it).
+    pub fn send(&mut self, track: usize, p: RtpOut<'_>, room_seq: u64) -> bool {
+        if !self.queue(track, p) {
             return false;
         }
         self.record(
             track,
             SentRecord {
-                vseq,
+                vseq: p.vseq,
                 room_seq,
-                ts,
+                ts: p.ts,
                 by_str0m: false,
             },
         );
@@ -160,15 +166,14 @@ impl DirectTx {
 
     /// Builds, seals and queues one RTP packet: new, or a resend (same sequence
     /// number, same bytes on the wire).
-    pub fn queue(
-        &mut self,
-        track: usize,
-        pt: u8,
-        vseq: u64,
-        ts: u32,
-        marker: bool,
-        payload: &[u8],
-    ) -> bool {
+    pub fn queue(&mut self, track: usize, p: RtpOut<'_>) -> bool {
+        let RtpOut {
+            pt,
+            vseq,
+            ts,
+            marker,
+            payload,
+        } = p;
         let (Some((source, destination)), Some(Some(ssrc))) = (self.route, self.ssrc.get(track))
         else {
             return false;
@@ -263,6 +268,16 @@ mod tests {
     use crate::srtp_seal::Exported;
     use str0m::crypto::dtls::SrtpProfile;
 
+    fn pkt(pt: u8, vseq: u64, ts: u32, payload: &[u8]) -> RtpOut<'_> {
+        RtpOut {
+            pt,
+            vseq,
+            ts,
+            marker: false,
+            payload,
+        }
+    }
+
     fn tx() -> DirectTx {
         let e = Exported {
             material: (0..56u8).collect(),
@@ -281,7 +296,7 @@ mod tests {
     fn a_sequence_number_is_known_as_sent_by_one_path() {
         let mut d = tx();
         assert!(!d.was_sent(VIDEO, 70_000));
-        assert!(d.send(VIDEO, 96, 70_000, 1, false, b"abc", 5));
+        assert!(d.send(VIDEO, pkt(96, 70_000, 1, b"abc"), 5));
         assert!(d.was_sent(VIDEO, 70_000));
         assert!(
             !d.was_sent(VIDEO, 70_000 + 65_536),
@@ -300,9 +315,9 @@ mod tests {
         );
         assert!(d.was_sent(1, 9) && !d.was_sent(VIDEO, 9));
         // Below the newest recorded number the ring decides: an unrecorded gap is unsent.
-        assert!(d.send(VIDEO, 96, 70_010, 1, false, b"abc", 15));
+        assert!(d.send(VIDEO, pkt(96, 70_010, 1, b"abc"), 15));
         assert!(!d.was_sent(VIDEO, 70_005) && d.was_sent(VIDEO, 70_000));
-        assert!(d.send(VIDEO, 96, 70_005, 1, false, b"abc", 10));
+        assert!(d.send(VIDEO, pkt(96, 70_005, 1, b"abc"), 10));
         assert!(d.was_sent(VIDEO, 70_005) && !d.was_sent(VIDEO, 70_011));
         assert_eq!(d.out.len(), 3);
         assert_eq!(d.out[0].contents.len(), 12 + 3 + 16);
@@ -312,9 +327,9 @@ mod tests {
     fn nothing_is_queued_without_a_route_or_ssrc() {
         let mut d = tx();
         d.ssrc[1] = None;
-        assert!(!d.send(1, 111, 1, 0, false, b"x", 1));
+        assert!(!d.send(1, pkt(111, 1, 0, b"x"), 1));
         d.route = None;
-        assert!(!d.send(VIDEO, 96, 1, 0, false, b"x", 1));
+        assert!(!d.send(VIDEO, pkt(96, 1, 0, b"x"), 1));
         assert!(d.out.is_empty());
     }
 
@@ -328,7 +343,7 @@ mod tests {
         assert!(granted > 0 && granted <= 64);
         // ~15 % of the packets sent since.
         for i in 0..100 {
-            assert!(d.send(VIDEO, 96, 100 + i, 0, false, b"p", i));
+            assert!(d.send(VIDEO, pkt(96, 100 + i, 0, b"p"), i));
         }
         let mut again = 0;
         while d.take_resend_credit() {

@@ -51,7 +51,7 @@ pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 pub use stun::is_rtp;
 
-use direct::{DirectTx, SentRecord};
+use direct::{DirectTx, RtpOut, SentRecord};
 use key_capture::KeySlot;
 use peer::{Peer, Replay, TrackOut, TxTuning};
 use room::{Room, VIDEO};
@@ -1314,7 +1314,14 @@ impl Sfu {
                     stats.resends_capped += 1;
                     continue;
                 }
-                if d.queue(VIDEO, *vpt, rec.vseq, rec.ts, cp.marker, &cp.payload) {
+                let out = RtpOut {
+                    pt: *vpt,
+                    vseq: rec.vseq,
+                    ts: rec.ts,
+                    marker: cp.marker,
+                    payload: &cp.payload,
+                };
+                if d.queue(VIDEO, out) {
                     stats.direct_resends += 1;
                     queued = true;
                 }
@@ -1679,7 +1686,14 @@ fn forward(
                 .map(|tx| *tx.ssrc());
         }
         if cp.plain && !d.sync_due(track, wallclock) {
-            if d.send(track, *vpt, seq, ts, cp.marker, &cp.payload, cp.seq) {
+            let out = RtpOut {
+                pt: *vpt,
+                vseq: seq,
+                ts,
+                marker: cp.marker,
+                payload: &cp.payload,
+            };
+            if d.send(track, out, cp.seq) {
                 stats.rtp_out += 1;
                 stats.direct_out += 1;
                 v.rtp_written += 1;
