@@ -43,6 +43,15 @@ pub struct Frame {
     pub payload_tag: u8,
 }
 
+/// Asserts viewer `v`'s frames came whole and in order: each frame's first sequence
+/// number follows the previous frame's last (no gap) and media time moves forward.
+pub fn assert_in_order(frames: &[Frame], v: usize) {
+    for pair in frames.windows(2) {
+        assert_eq!(pair[1].first_seq, pair[0].last_seq + 1, "viewer {v}: a gap");
+        assert!(pair[1].time > pair[0].time, "viewer {v}: time went back");
+    }
+}
+
 pub struct World {
     pub sfu: Sfu,
     pub sfu_addr: SocketAddr,
