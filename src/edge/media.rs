@@ -798,15 +798,17 @@ impl Engine {
     }
 
     fn flush(&mut self) {
-        let now = Instant::now();
+        // The clock only matters to relayed sends (route expiry).
+        let mut now = None;
         if let Some(s) = self.turn.as_mut().and_then(|t| t.sends.as_mut()) {
             s.refresh();
+            now = Some(Instant::now());
         }
         while let Some(t) = self.sfu.poll_transmit() {
             if let Some(turn) = &mut self.turn {
                 if self.relayed.contains_key(&t.destination) {
-                    let t = match turn.sends.as_mut() {
-                        Some(s) => match s.queue(now, t) {
+                    let t = match (turn.sends.as_mut(), now) {
+                        (Some(s), Some(now)) => match s.queue(now, t) {
                             Ok(()) => {
                                 if s.queued() >= OUT_QUEUE {
                                     Self::send_relayed(s, &self.shared);
@@ -815,7 +817,7 @@ impl Engine {
                             }
                             Err(t) => t,
                         },
-                        None => t,
+                        _ => t,
                     };
                     self.shared.relayed_out.fetch_add(1, Ordering::Relaxed);
                     if !turn

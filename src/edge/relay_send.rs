@@ -59,7 +59,6 @@ pub struct RelaySend {
     version: u64,
     table: Arc<RouteTable>,
     listeners: Vec<Listener>,
-    queued: usize,
 }
 
 impl RelaySend {
@@ -82,7 +81,6 @@ impl RelaySend {
             version,
             table,
             listeners,
-            queued: 0,
         })
     }
 
@@ -117,13 +115,12 @@ impl RelaySend {
             header: [c0, c1, l0, l1],
             body: t.contents.into(),
         });
-        self.queued += 1;
         Ok(())
     }
 
     /// Datagrams queued since the last [`RelaySend::send`].
     pub fn queued(&self) -> usize {
-        self.queued
+        self.listeners.iter().map(|l| l.queued.len()).sum()
     }
 
     /// Sends everything queued; returns (datagrams sent, what the sends did).
@@ -141,7 +138,6 @@ impl RelaySend {
             total.gso_segments += r.gso_segments;
             l.queued.clear();
         }
-        self.queued = 0;
         (sent, total)
     }
 }
