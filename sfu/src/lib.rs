@@ -224,6 +224,8 @@ pub struct Sfu {
     events: VecDeque<SfuEvent>,
     dirty: Vec<Key>,
     dead: Vec<Key>,
+    /// Publisher packets waiting for the next [`Sfu::fan_out`].
+    pending: Vec<PendingRtp>,
     last_now: Option<Instant>,
     stats: SfuStats,
     seq_seed: u64,
@@ -248,6 +250,7 @@ impl Sfu {
             events: VecDeque::new(),
             dirty: Vec::new(),
             dead: Vec::new(),
+            pending: Vec::new(),
             last_now: None,
             stats: SfuStats::default(),
             seq_seed: 0,
@@ -762,6 +765,7 @@ impl Sfu {
         // otherwise sit here whole (a thousand viewers' worth of datagrams at once)
         // instead of leaving in the driver's batches.
         if let Some(now) = self.last_now {
+            self.fan_out(now);
             while self.transmits.is_empty() {
                 let Some(k) = self.dirty.pop() else {
                     break;
@@ -811,6 +815,7 @@ impl Sfu {
     }
 
     fn run_dirty(&mut self, now: Instant) {
+        self.fan_out(now);
         while let Some(k) = self.dirty.pop() {
             self.poll_peer(now, k);
         }
@@ -1102,12 +1107,10 @@ impl Sfu {
     }
 
     fn on_publisher_rtp(&mut self, now: Instant, key: Key, pkt: RtpPacket) {
-        let tuning = self.tuning();
         let Sfu {
             peers,
             rooms,
             stats,
-            dirty,
             ..
         } = self;
         let Some(p) = peers.get_mut(key) else {
@@ -1199,60 +1202,78 @@ impl Sfu {
         } else {
             Pushed::Packet
         };
-        let r: &Room = r;
-        for (i, &vk) in r.viewers.iter().enumerate() {
-            // Start loading viewers a few places ahead: each is a separate, large
-            // entry, and at hundreds of viewers every one is a cache miss in turn.
-            if let Some(p) = r
-                .viewers
-                .get(i + 2 * PREFETCH_AHEAD)
-                .and_then(|&k| peers.get(k))
-            {
-                peer::prefetch_hot(p);
-            }
-            if let Some(d) = r
-                .viewers
-                .get(i + PREFETCH_AHEAD)
-                .and_then(|&k| peers.get(k))
-                .and_then(|p| p.direct.as_deref())
-            {
-                d.prefetch();
-            }
-            let Some(v) = peers.get_mut(vk) else {
+        let room = p.room;
+        self.pending.push(PendingRtp {
+            room,
+            track,
+            layer,
+            pushed,
+            cp,
+        });
+        if self.pending.len() >= MAX_PENDING {
+            self.fan_out(now);
+        }
+    }
+
+    /// Sends the publishers' packets received since the last call to every viewer
+    /// of their rooms, viewer by viewer: all of a receive batch's packets for one
+    /// viewer while its state is in cache, instead of each packet to every viewer in
+    /// turn (at hundreds of viewers, each visit to a viewer is a round of cache
+    /// misses). Called before transmits or events are polled.
+    fn fan_out(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let tuning = self.tuning();
+        let Sfu {
+            peers,
+            rooms,
+            stats,
+            dirty,
+            pending,
+            ..
+        } = self;
+        // Usually one room; a batch from several publishers goes room run by room run,
+        // each in arrival order.
+        for run in pending.chunk_by(|a, b| a.room == b.room) {
+            let Some(r) = run.first().and_then(|f| rooms.get(f.room)) else {
                 continue;
             };
-            if !v.connected {
-                continue;
-            }
-            let Some(t) = v.tracks[track].as_mut() else {
-                continue;
-            };
-            let queued = if track == VIDEO && v.video_paused {
-                stats.dropped_paused += 1;
-                false
-            } else if track == VIDEO && t.replay.is_some() {
-                // The packet is in the cache the viewer is still reading.
-                pump_replay(r, v, now, stats)
-            } else if track == VIDEO && (t.layer != layer || t.needs_start) {
-                // Start (or switch layers) only where a keyframe begins.
-                if t.target_layer == layer && pushed == Pushed::KeyframeStart {
-                    replay_gop(r, v, layer, now, stats)
-                } else {
-                    false
+            for (i, &vk) in r.viewers.iter().enumerate() {
+                // Start loading viewers a few places ahead: each is a separate, large
+                // entry, and at hundreds of viewers every one is a cache miss in turn.
+                if let Some(p) = r
+                    .viewers
+                    .get(i + 2 * PREFETCH_AHEAD)
+                    .and_then(|&k| peers.get(k))
+                {
+                    peer::prefetch_hot(p);
                 }
-            } else {
-                if pushed == Pushed::KeyframeStart && v.direct.is_none() {
-                    // Nothing before a keyframe is worth resending: start the NACK
-                    // cache (and str0m's resend-ratio history) afresh.
-                    t.tuning = Some(tuning);
+                if let Some(d) = r
+                    .viewers
+                    .get(i + PREFETCH_AHEAD)
+                    .and_then(|&k| peers.get(k))
+                    .and_then(|p| p.direct.as_deref())
+                {
+                    d.prefetch();
                 }
-                forward(v, track, &cp, cp.ts, cp.arrival, r, stats)
-            };
-            if queued && !v.dirty {
-                v.dirty = true;
-                dirty.push(vk);
+                let Some(v) = peers.get_mut(vk) else {
+                    continue;
+                };
+                if !v.connected {
+                    continue;
+                }
+                let mut queued = false;
+                for pk in run {
+                    queued |= deliver(r, v, pk, tuning, now, stats);
+                }
+                if queued && !v.dirty {
+                    v.dirty = true;
+                    dirty.push(vk);
+                }
             }
         }
+        pending.clear();
     }
 
     /// A direct-path viewer lost packets: resend them from the room's cache, the
@@ -1604,6 +1625,64 @@ fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
     tx.set_rtx_cache(tuning.rtx_packets, tuning.rtx_age, Some(RTX_RATIO_CAP));
     if track == VIDEO {
         tx.set_unpaced(!tuning.paced);
+    }
+}
+
+/// One publisher packet waiting for [`Sfu::fan_out`].
+struct PendingRtp {
+    room: Key,
+    track: usize,
+    layer: usize,
+    /// What the packet did to the room's GOP cache when it arrived.
+    pushed: Pushed,
+    cp: CachedPacket,
+}
+
+/// Publisher packets held for one viewer-major fan-out at most (a receive batch
+/// is smaller; the cap bounds a driver that feeds many without polling).
+const MAX_PENDING: usize = 128;
+
+/// Hands one publisher packet to one connected viewer: forwarded, fed through the
+/// viewer's cached-GOP replay, or held back until a keyframe starts its video.
+/// Returns true if something was queued for sending.
+fn deliver(
+    r: &Room,
+    v: &mut Peer,
+    pk: &PendingRtp,
+    tuning: TxTuning,
+    now: Instant,
+    stats: &mut SfuStats,
+) -> bool {
+    let PendingRtp {
+        track,
+        layer,
+        pushed,
+        ref cp,
+        ..
+    } = *pk;
+    let Some(t) = v.tracks[track].as_mut() else {
+        return false;
+    };
+    if track == VIDEO && v.video_paused {
+        stats.dropped_paused += 1;
+        false
+    } else if track == VIDEO && t.replay.is_some() {
+        // The packet is in the cache the viewer is still reading.
+        pump_replay(r, v, now, stats)
+    } else if track == VIDEO && (t.layer != layer || t.needs_start) {
+        // Start (or switch layers) only where a keyframe begins.
+        if t.target_layer == layer && pushed == Pushed::KeyframeStart {
+            replay_gop(r, v, layer, now, stats)
+        } else {
+            false
+        }
+    } else {
+        if pushed == Pushed::KeyframeStart && v.direct.is_none() {
+            // Nothing before a keyframe is worth resending: start the NACK
+            // cache (and str0m's resend-ratio history) afresh.
+            t.tuning = Some(tuning);
+        }
+        forward(v, track, cp, cp.ts, cp.arrival, r, stats)
     }
 }
 

@@ -96,3 +96,34 @@ fn direct_replay_of_a_long_gop_is_whole_and_rate_limited() {
     assert!(got[0].key);
     assert!(w.sfu.stats().replay_slices - slices_before >= 4);
 }
+
+#[test]
+fn two_rooms_in_one_receive_batch_each_get_their_own_stream() {
+    // Both publishers' datagrams reach the SFU before it is polled, so one fan-out
+    // holds packets of two rooms: each room's viewers must get exactly their own.
+    let mut w = World::new(direct());
+    let a = w.publish("a");
+    let b = w.publish("b");
+    let va: Vec<usize> = (0..3).map(|_| w.view("a")).collect();
+    let vb: Vec<usize> = (0..3).map(|_| w.view("b")).collect();
+    w.connect_all();
+    for f in 0..60 {
+        w.write_frame(a, None, f, f % 30 == 0, 0);
+        w.write_frame(b, None, f, f % 30 == 0, 8000);
+        w.advance(Duration::from_millis(33));
+    }
+    w.advance(Duration::from_millis(300));
+    for (viewers, big) in [(&va, false), (&vb, true)] {
+        for &v in viewers {
+            let f = &w.clients[v].frames;
+            assert_eq!(f.len(), 60, "viewer {v} got {} frames", f.len());
+            assert!(f[0].key);
+            assert_in_order(f, v);
+            assert!(
+                f.iter().all(|x| (x.len > 6000) == big),
+                "viewer {v} got another room's frames: {:?}",
+                f.iter().map(|x| x.len).collect::<Vec<_>>()
+            );
+        }
+    }
+}
