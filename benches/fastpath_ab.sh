@@ -3,7 +3,7 @@
 # side in one run, against the same client (`edgerelay loadtest`) and the same cached
 # 2 Mbit/s H.264 stream, on loopback. For each variant it prints the loadtest figures and
 # one line
-#   RESULT variant=... n=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
+#   RESULT variant=... n=... receiving=... join_failures=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
 #          gso_segs_per_send=... gso_pct_of_datagrams=... fanout_p50_le_ms=... fanout_p99_le_ms=...
 # (the last four from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
@@ -21,6 +21,13 @@
 #                 take UDP GRO: a GSO batch is delivered into a viewer socket whole instead of
 #                 datagram by datagram inside the edge's sendmmsg (what a NIC with segmentation
 #                 offload and receivers on other machines would spare the server)
+#   direct_rps    defaults, in a network namespace of its own whose loopback steers received
+#                 packets to the other CPUs (RPS), the edge pinned to CPU 0: the receivers'
+#                 kernel work (IP/UDP receive, socket queueing, wake-ups) runs on the
+#                 generator's CPUs instead of inside the edge's sendmmsg, as it would on
+#                 other machines; the edge still pays every syscall, copy, GSO skb and
+#                 loopback transmit of its own. Needs root, `ip` and `taskset`, and 2+ CPUs
+#                 (skipped otherwise). The edge's few received packets are steered too.
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # VARIANTS="baseline batched ..." (default: all, in that order),
@@ -38,12 +45,44 @@ if [ -z "${EDGERELAY_BIN:-}" ]; then
   EDGERELAY_BIN="$ROOT/target/release/edgerelay"
 fi
 TMP=$(mktemp -d /tmp/edgerelay-ab.XXXXXX)
-trap 'rm -rf "$TMP"' EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# The network namespace of the direct_rps variant while it runs (removed after it, and on
+# exit: the variants run in a subshell, so the name is fixed here).
+NETNS_NAME=edgerelay-rps-$$
+NETNS=
+cleanup() {
+  if [ -e "/run/netns/$NETNS_NAME" ]; then ip netns del "$NETNS_NAME" 2>/dev/null || true; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# Makes NETNS: loopback up, its received packets steered to every CPU but CPU 0.
+make_rps_netns() {
+  local cpus mask
+  cpus=$(nproc)
+  if [ "$(id -u)" != 0 ] || [ "$cpus" -lt 2 ] || ! command -v ip >/dev/null ||
+    ! command -v taskset >/dev/null; then
+    return 1
+  fi
+  mask=$(printf '%x' $(((1 << cpus) - 2)))
+  NETNS=$NETNS_NAME
+  ip netns add "$NETNS" &&
+    ip netns exec "$NETNS" ip link set lo up &&
+    ip netns exec "$NETNS" sh -c "echo $mask > /sys/class/net/lo/queues/rx-0/rps_cpus"
+}
+
 run_variant() {
-  local name=$1 fragment=$2 dir="$TMP/$1" client=()
+  local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=()
   [ "$name" = direct_rxgro ] && client=(--receiver-gro)
+  if [ "$name" = direct_rps ]; then
+    if ! make_rps_netns; then
+      echo "RESULT variant=$name n=$N skipped=needs root, ip, taskset and 2+ CPUs"
+      return 0
+    fi
+    ns=(ip netns exec "$NETNS")
+    pin=(taskset -c 0)
+  fi
   mkdir -p "$dir"
   cat > "$dir/edge.toml" <<TOML
 [node]
@@ -53,24 +92,32 @@ listen = "127.0.0.1:0"
 [auth]
 publisher_tokens = ["ab-publisher-token"]
 viewer_tokens = ["ab-viewer-token"]
+[sfu]
+max_viewers_per_room = $((N > 1000 ? N : 1000))
 $fragment
 TOML
-  "$EDGERELAY_BIN" edge --config "$dir/edge.toml" --media-listen 127.0.0.1:0 >"$dir/out" 2>"$dir/err" &
+  # `ip netns exec` and `taskset` exec the edge: $! is the edge's pid.
+  "${ns[@]}" "${pin[@]}" "$EDGERELAY_BIN" edge --config "$dir/edge.toml" \
+    --media-listen 127.0.0.1:0 >"$dir/out" 2>"$dir/err" &
   local pid=$!
   for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
   local http
   http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
-  ( sleep $((N / JOIN_RATE + 6)); curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
+  ( sleep $((N / JOIN_RATE + 6)); "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
   local scrape=$!
-  timeout $((STEADY + N / JOIN_RATE + 90)) "$EDGERELAY_BIN" loadtest \
+  timeout $((STEADY + N / JOIN_RATE + 90)) "${ns[@]}" "$EDGERELAY_BIN" loadtest \
     --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$pid" "${client[@]}" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
   wait "$scrape" 2>/dev/null || true
-  curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
+  "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  if [ -n "$NETNS" ]; then
+    ip netns del "$NETNS" 2>/dev/null || true
+    NETNS=
+  fi
   python3 - "$dir/result.json" "$name" "$N" "$dir/metrics" "$dir/metrics.start" <<'PY'
 import json, re, sys
 try:
@@ -109,14 +156,16 @@ def quantile(q):
         if n >= q * buckets[-1][1]:
             return "inf" if le == float("inf") else f"{le * 1000:g}"
     return "na"
-print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} us_per_pkt={r['us_per_pkt']} "
+print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_receiving_steady')} "
+      f"join_failures={r.get('join_failures')} us_per_pkt={r['us_per_pkt']} "
       f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
       f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
       f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)}")
 PY
 }
 
-STR0M=$'[sfu]\ndirect_send = false'
+# (The fragments go right after the [sfu] table: [sfu] keys first, then other tables.)
+STR0M='direct_send = false'
 fragment() {
   case $1 in
     baseline) echo "$STR0M"$'\n[media]\nbatch_io = false' ;;
@@ -124,7 +173,7 @@ fragment() {
     batched) echo "$STR0M" ;;
     batched_nobwe) echo "$STR0M"$'\nbwe = false' ;;
     direct_nogso) echo $'[media]\ngso = false' ;;
-    direct | direct_rxgro) echo '' ;;
+    direct | direct_rxgro | direct_rps) echo '' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }
@@ -136,7 +185,7 @@ python3 - "$TMP/results" <<'PY'
 import re, sys
 rows = {}
 for line in open(sys.argv[1]):
-    m = re.match(r"RESULT variant=(\S+) n=\S+ us_per_pkt=(\S+)", line)
+    m = re.match(r"RESULT variant=(\S+) n=\S+ .*?us_per_pkt=(\S+)", line)
     if m:
         rows[m.group(1)] = float(m.group(2))
 base = rows.get("baseline")

@@ -226,6 +226,8 @@ pub struct Sfu {
     dead: Vec<Key>,
     /// Publisher packets waiting for the next [`Sfu::fan_out`].
     pending: Vec<PendingRtp>,
+    /// Where a fan-out that [`Sfu::poll_transmit`] paused stands.
+    fan_at: FanCursor,
     last_now: Option<Instant>,
     stats: SfuStats,
     seq_seed: u64,
@@ -251,6 +253,7 @@ impl Sfu {
             dirty: Vec::new(),
             dead: Vec::new(),
             pending: Vec::new(),
+            fan_at: FanCursor::default(),
             last_now: None,
             stats: SfuStats::default(),
             seq_seed: 0,
@@ -412,7 +415,7 @@ impl Sfu {
 
     /// Accepts a publisher's SDP offer (WHIP) for `room`, creating the room.
     pub fn publish(&mut self, now: Instant, room: &str, offer: &str) -> Result<Joined, SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         if let Some(rk) = self.room_by_name.get(room) {
             if self.rooms.get(*rk).is_some_and(|r| r.publisher.is_some()) {
                 return Err(SfuError::PublisherBusy(room.to_string()));
@@ -463,7 +466,7 @@ impl Sfu {
         offer: &str,
         request: RoleRequest,
     ) -> Result<Joined, SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         let (rk, role) = self.admit_viewer(room, request)?;
         let offer = Self::parse_offer(offer)?;
         let (mut rtc, keys) = self.new_rtc(now, true, self.direct_for(rk));
@@ -491,7 +494,7 @@ impl Sfu {
         request: RoleRequest,
         audio: bool,
     ) -> Result<Joined, SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         let (rk, role) = self.admit_viewer(room, request)?;
         let (mut rtc, keys) = self.new_rtc(now, true, self.direct_for(rk));
         let mut change = rtc.sdp_api();
@@ -544,7 +547,7 @@ impl Sfu {
         peer: PeerId,
         answer: &str,
     ) -> Result<(), SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         let p = self.peers.get_mut(peer).ok_or(SfuError::UnknownPeer)?;
         let pending = p.pending_offer.take().ok_or(SfuError::NoPendingOffer)?;
         let answer = match SdpAnswer::from_sdp_string(answer) {
@@ -570,7 +573,7 @@ impl Sfu {
         peer: PeerId,
         candidate: &str,
     ) -> Result<(), SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         let p = self.peers.get_mut(peer).ok_or(SfuError::UnknownPeer)?;
         let line = candidate.trim().trim_start_matches("a=");
         let c = Candidate::from_sdp_string(line)
@@ -583,7 +586,7 @@ impl Sfu {
 
     /// Ends a peer's session (WHIP/WHEP DELETE, socket closed).
     pub fn remove_peer(&mut self, now: Instant, peer: PeerId) -> Result<(), SfuError> {
-        self.tick_clock(now);
+        self.enter(now);
         if self.peers.get(peer).is_none() {
             return Err(SfuError::UnknownPeer);
         }
@@ -679,9 +682,17 @@ impl Sfu {
         key
     }
 
-    fn tick_clock(&mut self, now: Instant) {
+    /// Every call from the driver but [`Sfu::poll_transmit`] starts here: the clock
+    /// moves on, and a fan-out that `poll_transmit` left half done is completed
+    /// before anything can change a room's viewer list or queue more packets (a
+    /// viewer skipped or served twice by a resumed fan-out would lose or repeat a
+    /// batch). Packets not yet fanned out at all stay pending: they go out together.
+    fn enter(&mut self, now: Instant) {
         if self.last_now.is_none_or(|t| now > t) {
             self.last_now = Some(now);
+        }
+        if let (Some(now), true) = (self.last_now, self.fan_at.paused()) {
+            self.fan_out(now, usize::MAX);
         }
     }
 
@@ -694,7 +705,7 @@ impl Sfu {
         destination: SocketAddr,
         data: &[u8],
     ) -> bool {
-        self.tick_clock(now);
+        self.enter(now);
         let is_stun = stun::is_stun(data);
         let key = match self.by_addr.get(&(source, destination)) {
             Some(k) => *k,
@@ -740,7 +751,7 @@ impl Sfu {
 
     /// Advances time: fires str0m timers and pending work.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.tick_clock(now);
+        self.enter(now);
         while let Some(Reverse((t, k))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -765,15 +776,27 @@ impl Sfu {
         // otherwise sit here whole (a thousand viewers' worth of datagrams at once)
         // instead of leaving in the driver's batches.
         if let Some(now) = self.last_now {
-            self.fan_out(now);
-            while self.transmits.is_empty() {
-                let Some(k) = self.dirty.pop() else {
-                    break;
-                };
-                self.poll_peer(now, k);
+            if !self.fan_at.paused() {
+                // A new batch goes out before the peers already waiting (as a whole,
+                // for a room smaller than a slice).
+                self.fan_out(now, FAN_OUT_CHUNK);
             }
-            while let Some(k) = self.dead.pop() {
-                self.drop_peer(k);
+            while self.transmits.is_empty() {
+                if let Some(k) = self.dirty.pop() {
+                    self.poll_peer(now, k);
+                } else if !self.pending.is_empty() {
+                    // The next few viewers: their datagrams leave in the driver's next
+                    // send round while the buffers are still in cache.
+                    self.fan_out(now, FAN_OUT_CHUNK);
+                } else {
+                    break;
+                }
+            }
+            if self.pending.is_empty() {
+                // (Not while a fan-out is paused: dropping a viewer moves the others.)
+                while let Some(k) = self.dead.pop() {
+                    self.drop_peer(k);
+                }
             }
         }
         let t = self.transmits.pop_front()?;
@@ -815,7 +838,7 @@ impl Sfu {
     }
 
     fn run_dirty(&mut self, now: Instant) {
-        self.fan_out(now);
+        self.fan_out(now, usize::MAX);
         while let Some(k) = self.dirty.pop() {
             self.poll_peer(now, k);
         }
@@ -1203,6 +1226,10 @@ impl Sfu {
             Pushed::Packet
         };
         let room = p.room;
+        if self.fan_at.paused() {
+            // A packet joining a half-sent run would miss the viewers already served.
+            self.fan_out(now, usize::MAX);
+        }
         self.pending.push(PendingRtp {
             room,
             track,
@@ -1211,7 +1238,7 @@ impl Sfu {
             cp,
         });
         if self.pending.len() >= MAX_PENDING {
-            self.fan_out(now);
+            self.fan_out(now, usize::MAX);
         }
     }
 
@@ -1219,8 +1246,11 @@ impl Sfu {
     /// of their rooms, viewer by viewer: all of a receive batch's packets for one
     /// viewer while its state is in cache, instead of each packet to every viewer in
     /// turn (at hundreds of viewers, each visit to a viewer is a round of cache
-    /// misses). Called before transmits or events are polled.
-    fn fan_out(&mut self, now: Instant) {
+    /// misses). Stops once about `budget` datagrams are queued, to go on where it
+    /// stopped at the next call ([`Sfu::poll_transmit`] sends a room's fan-out in
+    /// slices that the driver sends while their buffers are still in cache; every
+    /// other entry point completes it first, see [`Sfu::enter`]).
+    fn fan_out(&mut self, now: Instant, budget: usize) {
         if self.pending.is_empty() {
             return;
         }
@@ -1231,49 +1261,72 @@ impl Sfu {
             stats,
             dirty,
             pending,
+            fan_at,
             ..
         } = self;
+        let mut spent = 0usize;
         // Usually one room; a batch from several publishers goes room run by room run,
         // each in arrival order.
-        for run in pending.chunk_by(|a, b| a.room == b.room) {
-            let Some(r) = run.first().and_then(|f| rooms.get(f.room)) else {
-                continue;
+        while fan_at.run < pending.len() {
+            let start = fan_at.run;
+            let Some(first) = pending.get(start) else {
+                break;
             };
-            for (i, &vk) in r.viewers.iter().enumerate() {
-                // Start loading viewers a few places ahead: each is a separate, large
-                // entry, and at hundreds of viewers every one is a cache miss in turn.
-                if let Some(p) = r
-                    .viewers
-                    .get(i + 2 * PREFETCH_AHEAD)
-                    .and_then(|&k| peers.get(k))
-                {
-                    peer::prefetch_hot(p);
-                }
-                if let Some(d) = r
-                    .viewers
-                    .get(i + PREFETCH_AHEAD)
-                    .and_then(|&k| peers.get(k))
-                    .and_then(|p| p.direct.as_deref())
-                {
-                    d.prefetch();
-                }
-                let Some(v) = peers.get_mut(vk) else {
-                    continue;
-                };
-                if !v.connected {
-                    continue;
-                }
-                let mut queued = false;
-                for pk in run {
-                    queued |= deliver(r, v, pk, tuning, now, stats);
-                }
-                if queued && !v.dirty {
-                    v.dirty = true;
-                    dirty.push(vk);
+            let room = first.room;
+            let len = pending[start..]
+                .iter()
+                .position(|p| p.room != room)
+                .unwrap_or(pending.len() - start);
+            let run = &pending[start..start + len];
+            if let Some(r) = rooms.get(room) {
+                while let Some(&vk) = r.viewers.get(fan_at.viewer) {
+                    if spent >= budget {
+                        stats.fanout_slices += 1;
+                        return;
+                    }
+                    let i = fan_at.viewer;
+                    fan_at.viewer += 1;
+                    // Start loading viewers a few places ahead: each is a separate, large
+                    // entry, and at hundreds of viewers every one is a cache miss in turn.
+                    if let Some(p) = r
+                        .viewers
+                        .get(i + 2 * PREFETCH_AHEAD)
+                        .and_then(|&k| peers.get(k))
+                    {
+                        peer::prefetch_hot(p);
+                    }
+                    if let Some(d) = r
+                        .viewers
+                        .get(i + PREFETCH_AHEAD)
+                        .and_then(|&k| peers.get(k))
+                        .and_then(|p| p.direct.as_deref())
+                    {
+                        d.prefetch();
+                    }
+                    let Some(v) = peers.get_mut(vk) else {
+                        continue;
+                    };
+                    if !v.connected {
+                        continue;
+                    }
+                    let mut queued = false;
+                    for pk in run {
+                        queued |= deliver(r, v, pk, tuning, now, stats);
+                    }
+                    spent += run.len();
+                    if queued && !v.dirty {
+                        v.dirty = true;
+                        dirty.push(vk);
+                    }
                 }
             }
+            *fan_at = FanCursor {
+                run: start + len,
+                viewer: 0,
+            };
         }
         pending.clear();
+        *fan_at = FanCursor::default();
     }
 
     /// A direct-path viewer lost packets: resend them from the room's cache, the
@@ -1637,6 +1690,27 @@ struct PendingRtp {
     pushed: Pushed,
     cp: CachedPacket,
 }
+
+/// Where a paused fan-out goes on: the first pending packet of the room run being
+/// sent, and that room's next viewer.
+#[derive(Debug, Default, Clone, Copy)]
+struct FanCursor {
+    run: usize,
+    viewer: usize,
+}
+
+impl FanCursor {
+    /// A fan-out has begun and not finished.
+    fn paused(&self) -> bool {
+        self.run > 0 || self.viewer > 0
+    }
+}
+
+/// Datagrams one slice of a fan-out queues when the driver asks for transmits:
+/// about one send round of the driver's (sealed buffers still in cache when the
+/// kernel copies them, and a few hundred in flight instead of a whole batch for
+/// every viewer).
+const FAN_OUT_CHUNK: usize = 256;
 
 /// Publisher packets held for one viewer-major fan-out at most (a receive batch
 /// is smaller; the cap bounds a driver that feeds many without polling).

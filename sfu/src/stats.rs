@@ -80,6 +80,9 @@ pub struct SfuStats {
     /// Packets not forwarded to a direct-path viewer because it had them already
     /// (the publisher sent one twice).
     pub dropped_duplicate: u64,
+    /// Fan-outs paused after one slice to let the driver send (a batch to more
+    /// viewers than one slice covers), to go on at the next poll.
+    pub fanout_slices: u64,
 }
 
 impl SfuStats {
@@ -123,6 +126,7 @@ impl SfuStats {
             nack_unanswered,
             resends_capped,
             dropped_duplicate,
+            fanout_slices,
         );
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use edgerelay_sfu::{PeerId, RoleRequest, Sfu, SfuConfig};
+use edgerelay_sfu::{PeerId, RoleRequest, Sfu, SfuConfig, Transmit};
 use str0m::change::SdpAnswer;
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
@@ -242,30 +242,7 @@ impl World {
             let mut moved = false;
             while let Some(t) = self.sfu.poll_transmit() {
                 moved = true;
-                let Some(i) = self.clients.iter().position(|c| c.addr == t.destination) else {
-                    continue;
-                };
-                if self.blackhole.contains(&i) || !self.admit(i, t.contents.len()) {
-                    continue;
-                }
-                let rtp = t.contents.len() > 12
-                    && t.contents[0] & 0xc0 == 0x80
-                    && !(192..=223).contains(&t.contents[1]);
-                if rtp {
-                    if let Some(l) = self.lossy.iter_mut().find(|l| l.0 == i) {
-                        l.2 += 1;
-                        if l.2 % l.1 == 0 {
-                            self.lossy_drops += 1;
-                            continue;
-                        }
-                    }
-                }
-                let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
-                    .expect("datagram");
-                let _ = self.clients[i]
-                    .rtc
-                    .handle_input(Input::Receive(self.now, r));
-                self.poll_client(i);
+                self.deliver(&t);
             }
             for i in 0..self.clients.len() {
                 moved |= self.poll_client(i);
@@ -275,6 +252,35 @@ impl World {
             }
         }
         panic!("network did not settle");
+    }
+
+    /// Hands one datagram from the SFU to its client (through the simulated link's
+    /// blackholes, limits and losses), then polls that client.
+    pub fn deliver(&mut self, t: &Transmit) {
+        let Some(i) = self.clients.iter().position(|c| c.addr == t.destination) else {
+            return;
+        };
+        if self.blackhole.contains(&i) || !self.admit(i, t.contents.len()) {
+            return;
+        }
+        let rtp = t.contents.len() > 12
+            && t.contents[0] & 0xc0 == 0x80
+            && !(192..=223).contains(&t.contents[1]);
+        if rtp {
+            if let Some(l) = self.lossy.iter_mut().find(|l| l.0 == i) {
+                l.2 += 1;
+                if l.2 % l.1 == 0 {
+                    self.lossy_drops += 1;
+                    return;
+                }
+            }
+        }
+        let r =
+            Receive::new(Protocol::Udp, t.source, t.destination, &t.contents).expect("datagram");
+        let _ = self.clients[i]
+            .rtc
+            .handle_input(Input::Receive(self.now, r));
+        self.poll_client(i);
     }
 
     /// Token bucket of a limited link (50 ms of burst).
@@ -304,7 +310,7 @@ impl World {
     }
 
     /// Drains a client's output into the SFU; true if it sent anything.
-    fn poll_client(&mut self, i: usize) -> bool {
+    pub fn poll_client(&mut self, i: usize) -> bool {
         let mut sent = false;
         loop {
             let out = match self.clients[i].rtc.poll_output() {
