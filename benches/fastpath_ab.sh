@@ -22,7 +22,8 @@
 #                 datagram by datagram inside the edge's sendmmsg (what a NIC with segmentation
 #                 offload and receivers on other machines would spare the server)
 #   direct_rps    defaults, in a network namespace of its own whose loopback steers received
-#                 packets to the other CPUs (RPS), the edge pinned to CPU 0: the receivers'
+#                 packets to the other CPUs (RPS), the edge pinned to CPU 0 and the load
+#                 generator to the others: the receivers'
 #                 kernel work (IP/UDP receive, socket queueing, wake-ups) runs on the
 #                 generator's CPUs instead of inside the edge's sendmmsg, as it would on
 #                 other machines; the edge still pays every syscall, copy, GSO skb and
@@ -73,7 +74,7 @@ make_rps_netns() {
 }
 
 run_variant() {
-  local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=()
+  local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=() rest=()
   [ "$name" = direct_rxgro ] && client=(--receiver-gro)
   if [ "$name" = direct_rps ]; then
     if ! make_rps_netns; then
@@ -82,6 +83,7 @@ run_variant() {
     fi
     ns=(ip netns exec "$NETNS")
     pin=(taskset -c 0)
+    rest=(taskset -c "1-$(($(nproc) - 1))")
   fi
   mkdir -p "$dir"
   cat > "$dir/edge.toml" <<TOML
@@ -105,7 +107,7 @@ TOML
   http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
   ( sleep $((N / JOIN_RATE + 6)); "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
   local scrape=$!
-  timeout $((STEADY + N / JOIN_RATE + 90)) "${ns[@]}" "$EDGERELAY_BIN" loadtest \
+  timeout $((STEADY + N / JOIN_RATE + 90)) "${ns[@]}" "${rest[@]}" "$EDGERELAY_BIN" loadtest \
     --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$pid" "${client[@]}" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \

@@ -11,6 +11,12 @@
 //! SFU itself on the direct send path ([`SfuConfig::direct_send`], module
 //! `direct`) or by str0m in its RTP mode (viewers of simulcast rooms, whose layer
 //! follows str0m's bandwidth estimate).
+//!
+//! The publisher packets of one receive batch are held and fanned out viewer by
+//! viewer (each viewer's state is loaded once per batch), in slices of a few
+//! hundred datagrams that [`Sfu::poll_transmit`] hands to the driver before
+//! sealing the next: the sealed buffers are still in cache when the kernel copies
+//! them, and memory in flight stays small whatever the room's size.
 
 #![deny(clippy::unwrap_used)]
 
