@@ -82,7 +82,7 @@ for round in $(seq "${ROUNDS:-1}"); do
   done
 done | tee "$TMP/results"
 # The TURN counters, as a check that media really went through it.
-curl -s "$HTTP/metrics" | grep -E '^edgerelay_turn_(allocations|relayed_packets_total|media_sends_total|handoff_out_total)' || true
+curl -s "$HTTP/metrics" | grep -E '^edgerelay_(turn_(allocations|relayed_packets_total|media_sends_total|handoff_out_total)|address_takeovers_total)' || true
 
 python3 - "$TMP/results" <<'PY'
 import re, sys

@@ -713,29 +713,27 @@ impl Sfu {
     ) -> bool {
         self.enter(now);
         let is_stun = stun::is_stun(data);
-        let key = match self.by_addr.get(&(source, destination)) {
-            Some(k) => *k,
-            None => {
-                let found = if is_stun {
-                    stun::local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied())
-                } else {
-                    None
-                };
-                match found {
-                    Some(k) => k,
-                    None => {
-                        self.stats.dropped_unknown_source += 1;
-                        return false;
-                    }
-                }
-            }
+        let bound = self.by_addr.get(&(source, destination)).copied();
+        // A STUN request names its session (the ufrag in USERNAME), and the name wins
+        // over the address: a new session may come from an address a stale one still
+        // holds (a NAT reusing a port, a client restarting within the ICE timeout).
+        let named = if is_stun {
+            stun::local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied())
+        } else {
+            None
+        };
+        let Some(key) = named.or(bound) else {
+            self.stats.dropped_unknown_source += 1;
+            return false;
         };
         let Ok(recv) = Receive::new(Protocol::Udp, source, destination, data) else {
             self.stats.dropped_malformed += 1;
             return false;
         };
         let Some(p) = self.peers.get_mut(key) else {
-            self.by_addr.remove(&(source, destination));
+            if bound == Some(key) {
+                self.by_addr.remove(&(source, destination));
+            }
             self.stats.dropped_unknown_source += 1;
             return false;
         };
@@ -746,9 +744,26 @@ impl Sfu {
             self.stats.dropped_malformed += 1;
             return false;
         }
-        if is_stun && p.addrs.len() < 8 && !p.addrs.contains(&(source, destination)) {
-            p.addrs.push((source, destination));
-            self.by_addr.insert((source, destination), key);
+        if named == Some(key) && bound != Some(key) && p.addrs.len() < 8 {
+            // The address is this session's once it sends a request the session's ICE
+            // password signs: a forged USERNAME moves no one's traffic.
+            let pass = p.rtc.direct_api().local_ice_credentials().pass;
+            let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
+            if stun::integrity_ok(data, pass.as_bytes(), |k, parts| hmac.sha1_hmac(k, parts)) {
+                if !p.addrs.contains(&(source, destination)) {
+                    p.addrs.push((source, destination));
+                }
+                self.by_addr.insert((source, destination), key);
+                if let Some(old) = bound {
+                    self.stats.address_takeovers += 1;
+                    info!(
+                        peer = key.as_u64(),
+                        stale = old.as_u64(),
+                        %source,
+                        "address taken over from a stale session"
+                    );
+                }
+            }
         }
         self.mark_dirty(key);
         self.poll_peer(now, key);
@@ -1556,7 +1571,10 @@ impl Sfu {
         p.rtc.disconnect();
         self.by_ufrag.remove(&p.ufrag);
         for a in &p.addrs {
-            self.by_addr.remove(a);
+            // (Unless a newer session has taken the address over.)
+            if self.by_addr.get(a) == Some(&key) {
+                self.by_addr.remove(a);
+            }
         }
         let Some(r) = self.rooms.get_mut(p.room) else {
             return;

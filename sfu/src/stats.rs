@@ -83,6 +83,9 @@ pub struct SfuStats {
     /// Fan-outs paused after one slice to let the driver send (a batch to more
     /// viewers than one slice covers), to go on at the next poll.
     pub fanout_slices: u64,
+    /// Addresses a new session took over from another (stale) one that still held
+    /// them: a NAT reusing a port, a client restarting within the ICE timeout.
+    pub address_takeovers: u64,
 }
 
 impl SfuStats {
@@ -127,6 +130,7 @@ impl SfuStats {
             resends_capped,
             dropped_duplicate,
             fanout_slices,
+            address_takeovers,
         );
     }
 }

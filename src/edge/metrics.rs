@@ -87,6 +87,7 @@ impl Metrics {
             c("edgerelay_packets_replayed_total", s.packets_replayed);
             c("edgerelay_replay_slices_total", s.replay_slices);
             c("edgerelay_fanout_slices_total", s.fanout_slices);
+            c("edgerelay_address_takeovers_total", s.address_takeovers);
             c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
             c("edgerelay_direct_packets_total", s.direct_out);
             c("edgerelay_direct_sync_packets_total", s.direct_sync);

@@ -30,6 +30,10 @@ pub struct Client {
     pub messages: Vec<String>,
     pub keyframe_requests: usize,
     pub next_timeout: Option<Instant>,
+    /// The SFU's ICE ufrag for this client's session (from the answer).
+    pub sfu_ufrag: Option<String>,
+    /// The SFU's ICE password for this client's session (from the answer).
+    pub sfu_pwd: Option<String>,
 }
 
 /// A frame a viewer received.
@@ -59,6 +63,8 @@ pub struct World {
     pub now: Instant,
     pub start: Instant,
     next_ip: u8,
+    /// The address the next client gets instead of a fresh one.
+    pub next_addr: Option<SocketAddr>,
     /// Drop every datagram to these client indices (simulated loss) when set.
     pub blackhole: Vec<usize>,
     /// Bandwidth limits on the SFU -> client direction: (client, bits/s, tokens, last refill).
@@ -100,6 +106,7 @@ impl World {
             now,
             start: now,
             next_ip: 10,
+            next_addr: None,
             blackhole: Vec::new(),
             limits: Vec::new(),
             limited_drops: 0,
@@ -110,9 +117,12 @@ impl World {
 
     fn new_client(&mut self) -> Client {
         self.next_ip = self.next_ip.wrapping_add(1);
-        let addr: SocketAddr = format!("127.0.1.{}:6000", self.next_ip)
-            .parse()
-            .expect("addr");
+        let addr: SocketAddr = match self.next_addr.take() {
+            Some(a) => a,
+            None => format!("127.0.1.{}:6000", self.next_ip)
+                .parse()
+                .expect("addr"),
+        };
         let mut rtc = Rtc::builder()
             .clear_codecs()
             .enable_h264(true)
@@ -134,6 +144,8 @@ impl World {
             messages: Vec::new(),
             keyframe_requests: 0,
             next_timeout: None,
+            sfu_ufrag: None,
+            sfu_pwd: None,
         }
     }
 
@@ -167,6 +179,14 @@ impl World {
         c.audio_mid = a;
         c.control = Some(ch);
         c.peer = Some(j.peer);
+        let attr = |name: &str| {
+            j.sdp
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|u| u.trim().to_string())
+        };
+        c.sfu_ufrag = attr("a=ice-ufrag:");
+        c.sfu_pwd = attr("a=ice-pwd:");
         c.role = Some(j.role);
         self.clients.push(c);
         self.clients.len() - 1
