@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::{assert_in_order, World};
 use edgerelay_sfu::SfuConfig;
@@ -74,7 +73,7 @@ fn put(m: &mut Vec<u8>, typ: u16, value: &[u8]) {
     m.extend_from_slice(&typ.to_be_bytes());
     m.extend_from_slice(&(value.len() as u16).to_be_bytes());
     m.extend_from_slice(value);
-    while m.len() % 4 != 0 {
+    while !m.len().is_multiple_of(4) {
         m.push(0);
     }
 }
