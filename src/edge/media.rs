@@ -709,6 +709,7 @@ impl Engine {
                     if self.received_at.is_none() {
                         self.received_at = Some(now);
                     }
+                    self.heard_direct(source);
                     let dest = self.destination_for(source);
                     self.sfu.handle_datagram(now, source, dest, data);
                 }
@@ -733,11 +734,23 @@ impl Engine {
                 if self.received_at.is_none() {
                     self.received_at = Some(now);
                 }
+                self.heard_direct(source);
                 self.sfu.handle_datagram(now, source, dest, &buf[..n]);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => debug!("media recv error: {e}"),
+        }
+    }
+
+    /// An address that reaches the media socket itself is no (longer a) relayed
+    /// one: a TURN allocation that ended freed its port, and a direct client may
+    /// now hold it (on the relay's own IP: the same host, or a test on loopback).
+    /// Left marked, everything the SFU sends there (its ICE answers first) would
+    /// go to the TURN hand-off and die with the allocation.
+    fn heard_direct(&mut self, source: SocketAddr) {
+        if !self.relayed.is_empty() && self.relayed.remove(&source).is_some() {
+            debug!(%source, "a relayed address now sends directly");
         }
     }
 

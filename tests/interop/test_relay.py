@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import VIEW_TOKEN, Viewer, require_aiortc, require_chromium, run
+from conftest import VIEW_TOKEN, Viewer, http_request, require_aiortc, require_chromium, run
 from relay_helpers import (
     EdgePublisher,
     for_transport,
@@ -171,3 +171,114 @@ def _check_way_back(before, after, transport):
     else:
         assert d_out > 30, f"{HANDOFF_OUT} grew by only {d_out}: video did not go back through TURN"
         assert d_media == 0, f"{MEDIA_SENDS} grew by {d_media} for a {transport} allocation"
+
+
+def test_direct_viewer_on_a_port_a_relay_gave_up(edge_factory, request, tmp_path):
+    """A client that binds a port the TURN server's relay just released (same IP: the same
+    host, or loopback here) is a direct viewer: the edge must answer its ICE checks on the
+    media socket, not send them into the ended allocation. Before the fix, the media thread
+    kept the address marked as relayed for an hour and the viewer never connected (1-3 of
+    200 direct viewers in the bench's later rounds on one edge)."""
+    require_aiortc()
+    import asyncio
+    import os
+    import random
+    import socket
+
+    from aioice import stun
+    from aioice.turn import create_turn_endpoint
+    from aiortc import RTCPeerConnection
+
+    edge, _ = start_turn_edge(edge_factory, tmp_path, tls=False)
+    pub = EdgePublisher(request, tmp_path, edge, "reuse")
+
+    class Sink(asyncio.DatagramProtocol):
+        pass
+
+    async def binding(sock: socket.socket, media: tuple[str, int], ufrags: str, pwd: str):
+        """Sends ICE checks (aioice's STUN codec) until a success response comes back (3 s)."""
+        loop = asyncio.get_running_loop()
+        tid = os.urandom(12)
+        msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST,
+                           transaction_id=tid)
+        msg.attributes["USERNAME"] = ufrags
+        msg.attributes["PRIORITY"] = 1853824767
+        msg.attributes["ICE-CONTROLLING"] = random.getrandbits(64)
+        msg.attributes["USE-CANDIDATE"] = None
+        msg.add_message_integrity(pwd.encode())
+        msg.add_fingerprint()
+        for _ in range(15):
+            sock.sendto(bytes(msg), media)
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 2048), 0.2)
+            except asyncio.TimeoutError:
+                continue
+            reply = stun.parse_message(data)
+            if reply.transaction_id == tid:
+                return reply
+        return None
+
+    async def scenario():
+        await pub.wait_live()
+        server = for_transport(await get_ice_servers(edge), "udp")[0]
+        host, port = server["urls"][0].split(":", 1)[1].split("?")[0].rsplit(":", 1)
+        # The media address, from a first answer's candidate.
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription.sdp
+        await pc.close()
+        status, headers, answer = await http_request("POST", edge.http + "/whep/reuse", token=VIEW_TOKEN,
+                                                     body=offer)
+        assert status == 201, f"WHEP POST -> {status}: {answer[:300]}"
+        cand = next(l for l in answer.splitlines() if l.startswith("a=candidate:") and " udp " in l.lower())
+        f = cand.split()
+        media = (f[4], int(f[5]))
+
+        # 1. A TURN allocation that talks to the SFU (its relayed address reaches the media
+        #    thread through the hand-off), then is deleted (Refresh, LIFETIME 0).
+        turn, _ = await create_turn_endpoint(Sink, (host, int(port)), server["username"],
+                                             server["credential"])
+        relayed = turn.get_extra_info("sockname")
+        for _ in range(5):
+            turn.sendto(b"\x00\x01\x00\x00" + os.urandom(16), media)
+            await asyncio.sleep(0.05)
+        before = await scrape_metrics(edge)
+        turn.close()
+        await asyncio.sleep(0.5)
+
+        # 2. A direct client on the released port, with a session of its own.
+        sock = None
+        for _ in range(20):
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind(tuple(relayed))
+                break
+            except OSError:
+                sock.close()
+                sock = None
+                await asyncio.sleep(0.1)
+        assert sock is not None, f"relay port {relayed} was not released after the allocation was deleted"
+        sock.setblocking(False)
+        try:
+            status, _, answer = await http_request("POST", edge.http + "/whep/reuse", token=VIEW_TOKEN,
+                                                   body=offer)
+            assert status == 201, f"second WHEP POST -> {status}: {answer[:300]}"
+            ufrag = next(l for l in answer.splitlines() if l.startswith("a=ice-ufrag:")).split(":", 1)[1]
+            pwd = next(l for l in answer.splitlines() if l.startswith("a=ice-pwd:")).split(":", 1)[1]
+            mine = next(l for l in offer.splitlines() if l.startswith("a=ice-ufrag:")).split(":", 1)[1]
+            reply = await binding(sock, media, f"{ufrag.strip()}:{mine.strip()}", pwd.strip())
+        finally:
+            sock.close()
+        return before, relayed, reply
+
+    try:
+        before, relayed, reply = run(scenario(), timeout=60)
+    finally:
+        pub.stop()
+    edge.assert_alive()
+    assert before.get(HANDOFF_IN, 0) >= 1, f"the allocation's packets never reached the SFU: {before}"
+    assert reply is not None, (
+        f"no ICE answer to a direct viewer on {relayed}, a port the TURN relay had released: "
+        f"the edge still sent to it as a relayed address")
+    assert reply.message_class == stun.Class.RESPONSE, f"ICE check from {relayed} refused: {reply}"
