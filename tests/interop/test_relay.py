@@ -8,9 +8,13 @@ SFU and back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import os
+import random
+import socket
 import time
 
 import pytest
@@ -180,11 +184,7 @@ def test_direct_viewer_on_a_port_a_relay_gave_up(edge_factory, request, tmp_path
     kept the address marked as relayed for an hour and the viewer never connected (1-3 of
     200 direct viewers in the bench's later rounds on one edge)."""
     require_aiortc()
-    import asyncio
-    import os
-    import random
-    import socket
-
+    # Imported here: without aiortc (and its aioice) the test is skipped, not an import error.
     from aioice import stun
     from aioice.turn import create_turn_endpoint
     from aiortc import RTCPeerConnection
