@@ -9,7 +9,10 @@
 # Build "before" from an older commit, e.g.
 #   git worktree add /tmp/before <commit> && (cd /tmp/before && cargo build --release --bin edgerelay)
 #   BIN_A=/tmp/before/target/release/edgerelay BIN_B=target/release/edgerelay N=200 benches/binary_ab.sh
-# Environment: BIN_A, BIN_B (required), N=200, ROUNDS=2, STEADY=15, JOIN_RATE=50.
+# Environment: BIN_A, BIN_B (required), N=200, ROUNDS=2, STEADY=15, JOIN_RATE=50,
+# LOADTEST_ARGS (extra loadtest options for every round, e.g. "--receiver-gro": the
+# loopback viewers take UDP GRO, so less of the edge's CPU is their delivery and a change
+# to the edge's own work shows more clearly).
 # Loopback only; bounded in time.
 set -euo pipefail
 
@@ -17,6 +20,7 @@ set -euo pipefail
 : "${BIN_B:?set BIN_B (after)}"
 N=${N:-200}
 ROUNDS=${ROUNDS:-2}
+read -r -a EXTRA <<<"${LOADTEST_ARGS:-}"
 STEADY=${STEADY:-15}
 JOIN_RATE=${JOIN_RATE:-50}
 EDGERELAY_BIN=$BIN_B
@@ -39,7 +43,7 @@ TOML
   EDGE_BIN=$bin start_edge "$dir/edge.toml"
   timeout $((STEADY + N / JOIN_RATE + 90)) "$BIN_B" loadtest \
     --whep "$HTTP/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
-    --seconds "$STEADY" --server-pid "$EDGE_PID" \
+    --seconds "$STEADY" --server-pid "$EDGE_PID" "${EXTRA[@]}" \
     --source-whip "$HTTP/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
   stop_edge

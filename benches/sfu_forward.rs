@@ -9,7 +9,8 @@
 //! the viewers' housekeeping (ICE consent, RTCP) run untimed between iterations;
 //! viewers do not decrypt the forwarded RTP (no syscall, no receiver). Criterion's
 //! throughput is in forwarded packets, so its "time per element" is the SFU's cost per
-//! forwarded packet.
+//! forwarded packet. Sent RTP buffers go back to the SFU (`Sfu::recycle`), as the
+//! driver hands them back after each send.
 //!
 //! `cargo bench --bench sfu_forward`
 
@@ -264,6 +265,8 @@ impl World {
             if is_rtp(&t.contents) && t.destination != publisher {
                 forwarded += 1;
                 black_box(&t.contents);
+                // As the driver does once the datagram is sent.
+                self.sfu.recycle(t.contents.into());
             } else {
                 self.pending
                     .push((t.source, t.destination, t.contents.to_vec()));

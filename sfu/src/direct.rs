@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use str0m::net::{DatagramSend, Protocol, Transmit};
 
+use crate::buf_pool::BufPool;
 use crate::room::VIDEO;
 use crate::srtp_seal::SrtpSealer;
 
@@ -33,6 +34,9 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Viewer sequence numbers remembered per track (video: for answering NACKs; both:
 /// so that no sequence number is sent twice).
 const SENT_RING: [usize; 2] = [512, 128];
+
+/// The fixed RTP header this path writes (no CSRCs, no extensions).
+const RTP_HEADER: usize = 12;
 /// Replay (cached GOP) rate towards one viewer, bytes per second.
 const REPLAY_BYTES_PER_SEC: u64 = 3_000_000;
 /// Replay burst allowance, bytes.
@@ -144,8 +148,8 @@ impl DirectTx {
     /// Builds, seals and queues one new RTP packet (room packet `room_seq`; video
     /// ones are remembered for NACKs). False if there is no route yet or the seal
     /// failed (the caller counts it).
-    pub fn send(&mut self, track: usize, p: RtpOut<'_>, room_seq: u64) -> bool {
-        if !self.queue(track, p) {
+    pub fn send(&mut self, track: usize, p: RtpOut<'_>, room_seq: u64, pool: &mut BufPool) -> bool {
+        if !self.queue(track, p, pool) {
             return false;
         }
         self.record(
@@ -165,8 +169,8 @@ impl DirectTx {
     }
 
     /// Builds, seals and queues one RTP packet: new, or a resend (same sequence
-    /// number, same bytes on the wire).
-    pub fn queue(&mut self, track: usize, p: RtpOut<'_>) -> bool {
+    /// number, same bytes on the wire), in a buffer from `pool`.
+    pub fn queue(&mut self, track: usize, p: RtpOut<'_>, pool: &mut BufPool) -> bool {
         let RtpOut {
             pt,
             vseq,
@@ -179,12 +183,20 @@ impl DirectTx {
             return false;
         };
         let ssrc = *ssrc;
-        let mut buf = Vec::with_capacity(12 + payload.len() + self.sealer.overhead());
-        buf.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
-        buf.extend_from_slice(&(vseq as u16).to_be_bytes());
-        buf.extend_from_slice(&ts.to_be_bytes());
-        buf.extend_from_slice(&ssrc.to_be_bytes());
-        if !self.sealer.seal(&mut buf, payload, ssrc, vseq) {
+        let mut buf = pool.take(RTP_HEADER + payload.len() + self.sealer.overhead());
+        let Some(h) = buf.get_mut(..RTP_HEADER) else {
+            return false;
+        };
+        h[0] = 0x80;
+        h[1] = (u8::from(marker) << 7) | (pt & 0x7f);
+        h[2..4].copy_from_slice(&(vseq as u16).to_be_bytes());
+        h[4..8].copy_from_slice(&ts.to_be_bytes());
+        h[8..12].copy_from_slice(&ssrc.to_be_bytes());
+        if !self
+            .sealer
+            .seal_into(&mut buf, RTP_HEADER, payload, ssrc, vseq)
+        {
+            pool.give(buf);
             return false;
         }
         self.out.push_back(Transmit {
@@ -295,8 +307,9 @@ mod tests {
     #[test]
     fn a_sequence_number_is_known_as_sent_by_one_path() {
         let mut d = tx();
+        let mut pool = BufPool::new(8);
         assert!(!d.was_sent(VIDEO, 70_000));
-        assert!(d.send(VIDEO, pkt(96, 70_000, 1, b"abc"), 5));
+        assert!(d.send(VIDEO, pkt(96, 70_000, 1, b"abc"), 5, &mut pool));
         assert!(d.was_sent(VIDEO, 70_000));
         assert!(
             !d.was_sent(VIDEO, 70_000 + 65_536),
@@ -315,9 +328,9 @@ mod tests {
         );
         assert!(d.was_sent(1, 9) && !d.was_sent(VIDEO, 9));
         // Below the newest recorded number the ring decides: an unrecorded gap is unsent.
-        assert!(d.send(VIDEO, pkt(96, 70_010, 1, b"abc"), 15));
+        assert!(d.send(VIDEO, pkt(96, 70_010, 1, b"abc"), 15, &mut pool));
         assert!(!d.was_sent(VIDEO, 70_005) && d.was_sent(VIDEO, 70_000));
-        assert!(d.send(VIDEO, pkt(96, 70_005, 1, b"abc"), 10));
+        assert!(d.send(VIDEO, pkt(96, 70_005, 1, b"abc"), 10, &mut pool));
         assert!(d.was_sent(VIDEO, 70_005) && !d.was_sent(VIDEO, 70_011));
         assert_eq!(d.out.len(), 3);
         assert_eq!(d.out[0].contents.len(), 12 + 3 + 16);
@@ -326,16 +339,18 @@ mod tests {
     #[test]
     fn nothing_is_queued_without_a_route_or_ssrc() {
         let mut d = tx();
+        let mut pool = BufPool::new(8);
         d.ssrc[1] = None;
-        assert!(!d.send(1, pkt(111, 1, 0, b"x"), 1));
+        assert!(!d.send(1, pkt(111, 1, 0, b"x"), 1, &mut pool));
         d.route = None;
-        assert!(!d.send(VIDEO, pkt(96, 1, 0, b"x"), 1));
+        assert!(!d.send(VIDEO, pkt(96, 1, 0, b"x"), 1, &mut pool));
         assert!(d.out.is_empty());
     }
 
     #[test]
     fn resends_are_budgeted() {
         let mut d = tx();
+        let mut pool = BufPool::new(8);
         let mut granted = 0;
         while d.take_resend_credit() {
             granted += 1;
@@ -343,12 +358,39 @@ mod tests {
         assert!(granted > 0 && granted <= 64);
         // ~15 % of the packets sent since.
         for i in 0..100 {
-            assert!(d.send(VIDEO, pkt(96, 100 + i, 0, b"p"), i));
+            assert!(d.send(VIDEO, pkt(96, 100 + i, 0, b"p"), i, &mut pool));
         }
         let mut again = 0;
         while d.take_resend_credit() {
             again += 1;
         }
         assert_eq!(again, 15);
+    }
+
+    #[test]
+    fn a_reused_buffer_carries_exactly_the_bytes_of_a_fresh_one() {
+        let (mut a, mut b, mut c) = (tx(), tx(), tx());
+        let mut fresh = BufPool::new(8);
+        // Left longer than the packet, full of another packet's bytes.
+        let mut longer = BufPool::new(8);
+        longer.give(vec![0xAA; crate::buf_pool::BUF_CAPACITY]);
+        // Left shorter than the packet.
+        let mut shorter = BufPool::new(8);
+        let mut short = Vec::with_capacity(crate::buf_pool::BUF_CAPACITY);
+        short.extend_from_slice(&[0x55; 7]);
+        shorter.give(short);
+        let payload: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        assert!(a.queue(VIDEO, pkt(96, 42, 9, &payload), &mut fresh));
+        assert!(b.queue(VIDEO, pkt(96, 42, 9, &payload), &mut longer));
+        assert!(c.queue(VIDEO, pkt(96, 42, 9, &payload), &mut shorter));
+        assert_eq!(
+            longer.idle() + shorter.idle(),
+            0,
+            "both pooled buffers were taken"
+        );
+        let want: &[u8] = &a.out[0].contents;
+        assert_eq!(want.len(), 12 + 300 + 16);
+        assert_eq!(&b.out[0].contents[..], want);
+        assert_eq!(&c.out[0].contents[..], want);
     }
 }

@@ -16,10 +16,13 @@
 //! viewer (each viewer's state is loaded once per batch), in slices of a few
 //! hundred datagrams that [`Sfu::poll_transmit`] hands to the driver before
 //! sealing the next: the sealed buffers are still in cache when the kernel copies
-//! them, and memory in flight stays small whatever the room's size.
+//! them, and memory in flight stays small whatever the room's size. The driver
+//! hands each sent datagram's buffer back ([`Sfu::recycle`]) and the direct path
+//! seals the next packets into it: no allocation, no zeroing, and warm memory.
 
 #![deny(clippy::unwrap_used)]
 
+mod buf_pool;
 mod codec;
 mod direct;
 mod gop;
@@ -57,6 +60,7 @@ pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 pub use stun::is_rtp;
 
+use buf_pool::BufPool;
 use direct::{DirectTx, RtpOut, SentRecord};
 use key_capture::KeySlot;
 use peer::{Peer, Replay, TrackOut, TxTuning};
@@ -239,6 +243,15 @@ pub struct Sfu {
     seq_seed: u64,
     /// The DTLS certificate every session presents, and when it was made.
     dtls_cert: Option<(DtlsCert, Instant)>,
+    /// Sent datagram buffers, back from the driver for the next packets.
+    pool: BufPool,
+}
+
+/// What forwarding a packet writes to besides the viewer: the counters, and the
+/// buffer pool the direct path seals into.
+struct Cx<'a> {
+    stats: &'a mut SfuStats,
+    pool: &'a mut BufPool,
 }
 
 impl Sfu {
@@ -264,7 +277,15 @@ impl Sfu {
             stats: SfuStats::default(),
             seq_seed: 0,
             dtls_cert: None,
+            pool: BufPool::new(RECYCLED_BUFFERS),
         }
+    }
+
+    /// Takes back a sent datagram's buffer (the driver calls this with each
+    /// [`Transmit`]'s contents once the kernel has copied them): the direct path
+    /// seals later packets into it instead of allocating and zeroing a new one.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.pool.give(buf);
     }
 
     /// Counters since start.
@@ -908,7 +929,15 @@ impl Sfu {
                     // Top the replaying viewer's queue up from the cached GOP.
                     immediate_budget -= 1;
                     let wrote = match self.rooms.get(p.room) {
-                        Some(r) => pump_replay(r, p, now, &mut self.stats),
+                        Some(r) => pump_replay(
+                            r,
+                            p,
+                            now,
+                            &mut Cx {
+                                stats: &mut self.stats,
+                                pool: &mut self.pool,
+                            },
+                        ),
                         None => false,
                     };
                     if p.direct.is_some() {
@@ -1095,7 +1124,11 @@ impl Sfu {
             .is_some_and(|l| l.gop.is_valid());
         if cached {
             t.layer = layer;
-            replay_gop(r, v, layer, now, &mut self.stats);
+            let cx = &mut Cx {
+                stats: &mut self.stats,
+                pool: &mut self.pool,
+            };
+            replay_gop(r, v, layer, now, cx);
             v.cache_grace_until = Some(now + self.cfg.cache_grace);
             self.stats.viewer_starts_from_cache += 1;
             self.mark_dirty(vk);
@@ -1283,6 +1316,7 @@ impl Sfu {
             dirty,
             pending,
             fan_at,
+            pool,
             ..
         } = self;
         let mut spent = 0usize;
@@ -1332,7 +1366,17 @@ impl Sfu {
                     }
                     let mut queued = false;
                     for pk in run {
-                        queued |= deliver(r, v, pk, tuning, now, stats);
+                        queued |= deliver(
+                            r,
+                            v,
+                            pk,
+                            tuning,
+                            now,
+                            &mut Cx {
+                                stats: &mut *stats,
+                                pool: &mut *pool,
+                            },
+                        );
                     }
                     spent += run.len();
                     if queued && !v.dirty {
@@ -1359,6 +1403,7 @@ impl Sfu {
             rooms,
             stats,
             dirty,
+            pool,
             ..
         } = self;
         let Some(v) = peers.get_mut(key) else {
@@ -1416,7 +1461,7 @@ impl Sfu {
                     marker: cp.marker,
                     payload: &cp.payload,
                 };
-                if d.queue(VIDEO, out) {
+                if d.queue(VIDEO, out, pool) {
                     stats.direct_resends += 1;
                     queued = true;
                 }
@@ -1736,6 +1781,10 @@ impl FanCursor {
 /// every viewer).
 const FAN_OUT_CHUNK: usize = 256;
 
+/// Sent buffers kept for reuse: two of the driver's send rounds (a fan-out slice
+/// is one), so a slice finds the previous one's buffers waiting.
+const RECYCLED_BUFFERS: usize = 2 * FAN_OUT_CHUNK;
+
 /// Publisher packets held for one viewer-major fan-out at most (a receive batch
 /// is smaller; the cap bounds a driver that feeds many without polling).
 const MAX_PENDING: usize = 128;
@@ -1749,7 +1798,7 @@ fn deliver(
     pk: &PendingRtp,
     tuning: TxTuning,
     now: Instant,
-    stats: &mut SfuStats,
+    cx: &mut Cx<'_>,
 ) -> bool {
     let PendingRtp {
         track,
@@ -1762,15 +1811,15 @@ fn deliver(
         return false;
     };
     if track == VIDEO && v.video_paused {
-        stats.dropped_paused += 1;
+        cx.stats.dropped_paused += 1;
         false
     } else if track == VIDEO && t.replay.is_some() {
         // The packet is in the cache the viewer is still reading.
-        pump_replay(r, v, now, stats)
+        pump_replay(r, v, now, cx)
     } else if track == VIDEO && (t.layer != layer || t.needs_start) {
         // Start (or switch layers) only where a keyframe begins.
         if t.target_layer == layer && pushed == Pushed::KeyframeStart {
-            replay_gop(r, v, layer, now, stats)
+            replay_gop(r, v, layer, now, cx)
         } else {
             false
         }
@@ -1780,7 +1829,7 @@ fn deliver(
             // cache (and str0m's resend-ratio history) afresh.
             t.tuning = Some(tuning);
         }
-        forward(v, track, cp, cp.ts, cp.arrival, r, stats)
+        forward(v, track, cp, cp.ts, cp.arrival, r, cx)
     }
 }
 
@@ -1798,7 +1847,7 @@ fn forward(
     ts: u32,
     wallclock: Instant,
     room: &Room,
-    stats: &mut SfuStats,
+    cx: &mut Cx<'_>,
 ) -> bool {
     let Peer {
         rtc,
@@ -1845,7 +1894,7 @@ fn forward(
         }
     };
     let Some(vpt) = vpt else {
-        stats.dropped_no_codec += 1;
+        cx.stats.dropped_no_codec += 1;
         return false;
     };
     let seq = t.out_seq(cp.seq);
@@ -1853,7 +1902,7 @@ fn forward(
         if d.was_sent(track, seq) {
             // A duplicate from the publisher: the viewer has it (or will NACK it).
             // Never a second packet under one SRTP index (see `direct`).
-            stats.dropped_duplicate += 1;
+            cx.stats.dropped_duplicate += 1;
             return false;
         }
         if d.ssrc[track].is_none() {
@@ -1870,19 +1919,19 @@ fn forward(
                 marker: cp.marker,
                 payload: &cp.payload,
             };
-            if d.send(track, out, cp.seq) {
-                stats.rtp_out += 1;
-                stats.direct_out += 1;
+            if d.send(track, out, cp.seq, cx.pool) {
+                cx.stats.rtp_out += 1;
+                cx.stats.direct_out += 1;
                 v.rtp_written += 1;
                 return true;
             }
             // No route or no SSRC yet, or the seal failed: str0m sends this one.
-            stats.direct_fallbacks += 1;
+            cx.stats.direct_fallbacks += 1;
         }
     }
     let mut api = rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(t.mid, None) else {
-        stats.dropped_unknown_stream += 1;
+        cx.stats.dropped_unknown_stream += 1;
         return false;
     };
     if let Some(tuning) = t.tuning.take() {
@@ -1898,7 +1947,7 @@ fn forward(
                 by_str0m: true,
             },
         );
-        stats.direct_sync += 1;
+        cx.stats.direct_sync += 1;
     }
     tx.write_rtp(
         RtpWrite::new(vpt, seq.into(), ts, wallclock, cp.payload.clone())
@@ -1906,7 +1955,7 @@ fn forward(
             .ext_vals(cp.ext.clone())
             .nackable(track == VIDEO),
     );
-    stats.rtp_out += 1;
+    cx.stats.rtp_out += 1;
     v.rtp_written += 1;
     v.needs_tick = true;
     true
@@ -1916,7 +1965,7 @@ fn forward(
 /// queue drains: [`pump_replay`]). Timestamps of the cached frames are squeezed just
 /// below the newest one, so the viewer decodes them straight away and is live at the
 /// end instead of a GOP behind. Returns true if something was written.
-fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut SfuStats) -> bool {
+fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, cx: &mut Cx<'_>) -> bool {
     let Some(l) = r.tracks[VIDEO].layers.get(layer) else {
         return false;
     };
@@ -1940,7 +1989,7 @@ fn replay_gop(r: &Room, v: &mut Peer, layer: usize, now: Instant, stats: &mut Sf
         cur_ts: first.ts,
         progress_at: now,
     });
-    pump_replay(r, v, now, stats)
+    pump_replay(r, v, now, cx)
 }
 
 /// Moves a direct-path viewer's sealed datagrams to the SFU's transmit queue.
@@ -1962,7 +2011,7 @@ fn arm_timer(timers: &mut BinaryHeap<Reverse<(Instant, Key)>>, p: &mut Peer, key
 
 /// Writes the next slice of a replaying viewer's cached GOP, as far as its send
 /// queue has room. Returns true if something was written.
-fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bool {
+fn pump_replay(r: &Room, v: &mut Peer, now: Instant, cx: &mut Cx<'_>) -> bool {
     let Some(t) = v.tracks[VIDEO].as_mut() else {
         return false;
     };
@@ -1982,7 +2031,7 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
     if rp.generation != l.gop.generation() {
         // A new keyframe (or a reset) moved the cache under the cursor.
         if l.gop.is_valid() {
-            return replay_gop(r, v, layer, now, stats);
+            return replay_gop(r, v, layer, now, cx);
         }
         t.replay = None;
         t.needs_start = true;
@@ -2016,8 +2065,8 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
             (p.ts, p.arrival)
         };
         rp.next += 1;
-        if forward(v, VIDEO, p, ts, wallclock, r, stats) {
-            stats.packets_replayed += 1;
+        if forward(v, VIDEO, p, ts, wallclock, r, cx) {
+            cx.stats.packets_replayed += 1;
             rp.progress_at = now;
             wrote = true;
         }
@@ -2026,7 +2075,7 @@ fn pump_replay(r: &Room, v: &mut Peer, now: Instant, stats: &mut SfuStats) -> bo
         t.replay = (rp.next < pkts.len()).then_some(rp);
     }
     if wrote {
-        stats.replay_slices += 1;
+        cx.stats.replay_slices += 1;
     }
     wrote
 }

@@ -157,17 +157,39 @@ impl SrtpSealer {
     /// Seals one packet: `out` holds the plain RTP header (`out.len()` bytes, at
     /// least 12); the encrypted `payload` and the tag are appended. `index` is the
     /// packet's SRTP index (ROC << 16 | sequence number). False if the cipher failed,
-    /// with `out` left holding the header only.
+    /// with `out` left holding the header only. (The tests' reference for
+    /// [`SrtpSealer::seal_into`], which the send path uses.)
+    #[cfg(test)]
     pub fn seal(&mut self, out: &mut Vec<u8>, payload: &[u8], ssrc: u32, index: u64) -> bool {
         let hdr = out.len();
-        if hdr < 12 {
+        out.resize(hdr + payload.len() + self.overhead(), 0);
+        let ok = self.seal_into(out, hdr, payload, ssrc, index);
+        if !ok {
+            out.truncate(hdr);
+        }
+        ok
+    }
+
+    /// Seals one packet into `out`, sized by the caller to exactly `hdr` header
+    /// bytes, the payload and [`SrtpSealer::overhead`]: the header is read from
+    /// `out[..hdr]`, and every byte after it is written (a reused buffer's old
+    /// contents never reach the wire). False if the sizes do not add up or the
+    /// cipher failed.
+    pub fn seal_into(
+        &mut self,
+        out: &mut [u8],
+        hdr: usize,
+        payload: &[u8],
+        ssrc: u32,
+        index: u64,
+    ) -> bool {
+        let len = payload.len();
+        if hdr < 12 || out.len() != hdr + len + self.overhead() {
             return false;
         }
-        let len = payload.len();
-        out.resize(hdr + len + self.overhead(), 0);
         let seq = index as u16;
         let roc = (index >> 16) as u32;
-        let ok = match &mut self.cipher {
+        match &mut self.cipher {
             Cipher::Gcm { salt, key } => {
                 // RFC 7714 §8.1: the IV is the same for both key sizes.
                 let iv = AeadAes128Gcm::rtp_iv(*salt, ssrc, roc, seq);
@@ -202,11 +224,7 @@ impl SrtpSealer {
                 }
                 ok
             }
-        };
-        if !ok {
-            out.truncate(hdr);
         }
-        ok
     }
 }
 

@@ -775,15 +775,18 @@ impl Engine {
         if was_gso && !self.sender.gso_active() {
             self.shared.gso_threads.fetch_sub(1, Ordering::Relaxed);
         }
-        self.out.clear();
+        // The kernel has its copies: the buffers serve the next packets.
+        for t in self.out.drain(..) {
+            self.sfu.recycle(t.contents.into());
+        }
     }
 
     /// Sends what the media thread framed for UDP-relayed viewers itself.
-    fn send_relayed(s: &mut RelaySend, shared: &Shared) {
+    fn send_relayed(s: &mut RelaySend, shared: &Shared, sfu: &mut Sfu) {
         if s.queued() == 0 {
             return;
         }
-        let (sent, r) = s.send();
+        let (sent, r) = s.send(|buf| sfu.recycle(buf));
         shared.relay_sends.fetch_add(sent as u64, Ordering::Relaxed);
         // Counted as the TURN server's relayed traffic, which it is on the wire.
         metrics::counter!("edgerelay_turn_relayed_packets_total", "direction" => "to_client")
@@ -824,7 +827,7 @@ impl Engine {
                         (Some(s), Some(now)) => match s.queue(now, t) {
                             Ok(()) => {
                                 if s.queued() >= OUT_QUEUE {
-                                    Self::send_relayed(s, &self.shared);
+                                    Self::send_relayed(s, &self.shared, &mut self.sfu);
                                 }
                                 continue;
                             }
@@ -847,14 +850,17 @@ impl Engine {
                 if self.out.len() >= OUT_QUEUE {
                     self.send_out();
                 }
-            } else if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
-                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
-                debug!(dest = %t.destination, "media send failed: {e}");
+            } else {
+                if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                    self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(dest = %t.destination, "media send failed: {e}");
+                }
+                self.sfu.recycle(t.contents.into());
             }
         }
         self.send_out();
         if let Some(s) = self.turn.as_mut().and_then(|t| t.sends.as_mut()) {
-            Self::send_relayed(s, &self.shared);
+            Self::send_relayed(s, &self.shared, &mut self.sfu);
         }
         while let Some(ev) = self.sfu.poll_event() {
             match &ev {

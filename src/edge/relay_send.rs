@@ -123,8 +123,9 @@ impl RelaySend {
         self.listeners.iter().map(|l| l.queued.len()).sum()
     }
 
-    /// Sends everything queued; returns (datagrams sent, what the sends did).
-    pub fn send(&mut self) -> (usize, SendReport) {
+    /// Sends everything queued and hands each datagram's buffer to `recycle`;
+    /// returns (datagrams sent, what the sends did).
+    pub fn send(&mut self, mut recycle: impl FnMut(Vec<u8>)) -> (usize, SendReport) {
         let mut total = SendReport::default();
         let mut sent = 0;
         for l in &mut self.listeners {
@@ -136,7 +137,9 @@ impl RelaySend {
             total.failed += r.failed;
             total.gso_sends += r.gso_sends;
             total.gso_segments += r.gso_segments;
-            l.queued.clear();
+            for f in l.queued.drain(..) {
+                recycle(f.body);
+            }
         }
         (sent, total)
     }
