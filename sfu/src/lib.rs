@@ -1319,6 +1319,7 @@ impl Sfu {
             pool,
             ..
         } = self;
+        let cx = &mut Cx { stats, pool };
         let mut spent = 0usize;
         // Usually one room; a batch from several publishers goes room run by room run,
         // each in arrival order.
@@ -1336,7 +1337,7 @@ impl Sfu {
             if let Some(r) = rooms.get(room) {
                 while let Some(&vk) = r.viewers.get(fan_at.viewer) {
                     if spent >= budget {
-                        stats.fanout_slices += 1;
+                        cx.stats.fanout_slices += 1;
                         return;
                     }
                     let i = fan_at.viewer;
@@ -1366,17 +1367,7 @@ impl Sfu {
                     }
                     let mut queued = false;
                     for pk in run {
-                        queued |= deliver(
-                            r,
-                            v,
-                            pk,
-                            tuning,
-                            now,
-                            &mut Cx {
-                                stats: &mut *stats,
-                                pool: &mut *pool,
-                            },
-                        );
+                        queued |= deliver(r, v, pk, tuning, now, cx);
                     }
                     spent += run.len();
                     if queued && !v.dirty {

@@ -195,6 +195,10 @@ def test_direct_viewer_on_a_port_a_relay_gave_up(edge_factory, request, tmp_path
     class Sink(asyncio.DatagramProtocol):
         pass
 
+    def sdp_value(sdp: str, attr: str) -> str:
+        """The value of the first ``a=<attr>:`` line."""
+        return next(l for l in sdp.splitlines() if l.startswith(f"a={attr}:")).split(":", 1)[1].strip()
+
     async def binding(sock: socket.socket, media: tuple[str, int], ufrags: str, pwd: str):
         """Sends ICE checks (aioice's STUN codec) until a success response comes back (3 s)."""
         loop = asyncio.get_running_loop()
@@ -228,8 +232,8 @@ def test_direct_viewer_on_a_port_a_relay_gave_up(edge_factory, request, tmp_path
         await pc.setLocalDescription(await pc.createOffer())
         offer = pc.localDescription.sdp
         await pc.close()
-        status, headers, answer = await http_request("POST", edge.http + "/whep/reuse", token=VIEW_TOKEN,
-                                                     body=offer)
+        status, _, answer = await http_request("POST", edge.http + "/whep/reuse", token=VIEW_TOKEN,
+                                               body=offer)
         assert status == 201, f"WHEP POST -> {status}: {answer[:300]}"
         cand = next(l for l in answer.splitlines() if l.startswith("a=candidate:") and " udp " in l.lower())
         f = cand.split()
@@ -264,10 +268,8 @@ def test_direct_viewer_on_a_port_a_relay_gave_up(edge_factory, request, tmp_path
             status, _, answer = await http_request("POST", edge.http + "/whep/reuse", token=VIEW_TOKEN,
                                                    body=offer)
             assert status == 201, f"second WHEP POST -> {status}: {answer[:300]}"
-            ufrag = next(l for l in answer.splitlines() if l.startswith("a=ice-ufrag:")).split(":", 1)[1]
-            pwd = next(l for l in answer.splitlines() if l.startswith("a=ice-pwd:")).split(":", 1)[1]
-            mine = next(l for l in offer.splitlines() if l.startswith("a=ice-ufrag:")).split(":", 1)[1]
-            reply = await binding(sock, media, f"{ufrag.strip()}:{mine.strip()}", pwd.strip())
+            ufrags = f"{sdp_value(answer, 'ice-ufrag')}:{sdp_value(offer, 'ice-ufrag')}"
+            reply = await binding(sock, media, ufrags, sdp_value(answer, "ice-pwd"))
         finally:
             sock.close()
         return before, relayed, reply
