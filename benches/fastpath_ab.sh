@@ -5,6 +5,7 @@
 # one line
 #   RESULT variant=... n=... receiving=... join_failures=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
 #          gso_segs_per_send=... gso_pct_of_datagrams=... fanout_p50_le_ms=... fanout_p99_le_ms=...
+#          viewers_on_mirrors=... (viewers seated on another thread than their room's)
 # (the last four from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
@@ -29,6 +30,11 @@
 #                 other machines; the edge still pays every syscall, copy, GSO skb and
 #                 loopback transmit of its own. Needs root, `ip` and `taskset`, and 2+ CPUs
 #                 (skipped otherwise). The edge's few received packets are steered too.
+#   one_thread2   [media] threads = 2, span_viewers = 0: two media threads, the room on one
+#                 (the baseline for span2)
+#   span2         [media] threads = 2, span_viewers = 1: the room spans both threads (its
+#                 viewers dealt to them in turn, the publisher's packets handed over in memory)
+#   one_thread2_rxgro, span2_rxgro   the same with `loadtest --receiver-gro`
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # VARIANTS="baseline batched ..." (default: all, in that order),
@@ -75,7 +81,7 @@ make_rps_netns() {
 
 run_variant() {
   local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=() rest=()
-  [ "$name" = direct_rxgro ] && client=(--receiver-gro)
+  case $name in *_rxgro) client=(--receiver-gro) ;; esac
   if [ "$name" = direct_rps ]; then
     if ! make_rps_netns; then
       echo "RESULT variant=$name n=$N skipped=needs root, ip, taskset and 2+ CPUs"
@@ -131,7 +137,7 @@ def scrape(path):
     m, buckets = {}, []
     try:
         for line in open(path):
-            x = re.match(r'(edgerelay_(?:media_\w+?|datagrams_out_total))(\{le="([^"]+)"\})? (\S+)$', line)
+            x = re.match(r'(edgerelay_(?:media_\w+?|datagrams_out_total|span_viewers_seated_total))(\{le="([^"]+)"\})? (\S+)$', line)
             if not x:
                 continue
             if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
@@ -143,6 +149,7 @@ def scrape(path):
     return m, buckets
 m, buckets = scrape(sys.argv[4])
 m0, b0 = scrape(sys.argv[5])
+m1 = dict(m)  # whole run (the seats are taken while joining)
 if b0 and len(b0) == len(buckets):
     m = {k: v - m0.get(k, 0) for k, v in m.items()}
     buckets = [(le, n - n0) for (le, n), (_, n0) in zip(buckets, b0)]
@@ -162,7 +169,8 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_r
       f"join_failures={r.get('join_failures')} us_per_pkt={r['us_per_pkt']} "
       f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
       f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
-      f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)}")
+      f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)} "
+      f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f}")
 PY
 }
 
@@ -176,6 +184,8 @@ fragment() {
     batched_nobwe) echo "$STR0M"$'\nbwe = false' ;;
     direct_nogso) echo $'[media]\ngso = false' ;;
     direct | direct_rxgro | direct_rps) echo '' ;;
+    one_thread2 | one_thread2_rxgro) echo $'[media]\nthreads = 2\nspan_viewers = 0' ;;
+    span2 | span2_rxgro) echo $'[media]\nthreads = 2\nspan_viewers = 1' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }

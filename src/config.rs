@@ -90,6 +90,11 @@ pub struct MediaConfig {
     /// Media threads (shards): each owns a UDP port (`listen`'s port, then the
     /// next ones) and the rooms hashed to it. 0 = one per CPU.
     pub threads: usize,
+    /// A room spans media threads once this many viewers sit on its home thread:
+    /// further spectators are seated round-robin on every thread, each of which
+    /// then fans out its own share (0 = a room never leaves its thread). Only with
+    /// `threads` > 1; not for simulcast rooms.
+    pub span_viewers: usize,
 }
 
 impl Default for MediaConfig {
@@ -100,6 +105,7 @@ impl Default for MediaConfig {
             batch_io: true,
             gso: true,
             threads: 1,
+            span_viewers: 256,
         }
     }
 }

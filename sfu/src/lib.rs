@@ -30,6 +30,7 @@ mod key_capture;
 mod peer;
 mod room;
 mod slab;
+mod span;
 mod srtp_seal;
 mod stats;
 mod stun;
@@ -56,6 +57,7 @@ pub use codec::is_keyframe;
 pub use gop::{CachedPacket, GopCache, Pushed, Timeline};
 pub use peer::Role;
 pub use slab::Key as PeerId;
+pub use span::{Feed, Upstream};
 pub use stats::SfuStats;
 pub use str0m::net::Transmit;
 pub use stun::is_rtp;
@@ -221,6 +223,23 @@ pub enum SfuEvent {
     },
 }
 
+/// One room as [`Sfu::rooms`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    /// The room's name.
+    pub name: String,
+    /// Its publisher is connected (here: a mirror reports false).
+    pub publisher: bool,
+    /// Viewers on this core.
+    pub viewers: usize,
+    /// A viewer holds the controller role.
+    pub controller: bool,
+    /// The video is simulcast (its viewers stay on str0m's path).
+    pub simulcast: bool,
+    /// A mirror of a room homed on another core ([`span`]).
+    pub mirror: bool,
+}
+
 /// The SFU core: rooms, peers and the packet paths between them.
 pub struct Sfu {
     cfg: SfuConfig,
@@ -245,6 +264,10 @@ pub struct Sfu {
     dtls_cert: Option<(DtlsCert, Instant)>,
     /// Sent datagram buffers, back from the driver for the next packets.
     pool: BufPool,
+    /// Exported rooms' packets waiting for [`Sfu::poll_feed`], per room.
+    feeds: Vec<(Key, Feed)>,
+    /// Mirror rooms' requests for their home cores ([`Sfu::poll_upstream`]).
+    upstream: VecDeque<Upstream>,
 }
 
 /// What forwarding a packet writes to besides the viewer: the counters, and the
@@ -278,6 +301,8 @@ impl Sfu {
             seq_seed: 0,
             dtls_cert: None,
             pool: BufPool::new(RECYCLED_BUFFERS),
+            feeds: Vec::new(),
+            upstream: VecDeque::new(),
         }
     }
 
@@ -318,16 +343,21 @@ impl Sfu {
             .is_some_and(|p| p.connected)
     }
 
-    /// Names of the rooms and whether each has a connected publisher.
-    pub fn rooms(&self) -> Vec<(String, bool, usize)> {
+    /// The rooms on this core, for the driver's status pages and its choice of
+    /// where a new viewer sits.
+    pub fn rooms(&self) -> Vec<RoomSummary> {
         self.rooms
             .iter()
-            .map(|(_, r)| {
-                let up = r
+            .map(|(_, r)| RoomSummary {
+                name: r.name.clone(),
+                publisher: r
                     .publisher
                     .and_then(|p| self.peers.get(p))
-                    .is_some_and(|p| p.connected);
-                (r.name.clone(), up, r.viewers.len())
+                    .is_some_and(|p| p.connected),
+                viewers: r.viewers.len(),
+                controller: r.controller.is_some(),
+                simulcast: r.simulcast || r.tracks[VIDEO].layers.len() > 1,
+                mirror: r.mirror,
             })
             .collect()
     }
@@ -634,6 +664,11 @@ impl Sfu {
             return Err(SfuError::RoomFull(room.to_string()));
         }
         let role = match (request, r.controller) {
+            // A mirror's input could not reach the publisher: its seats are spectators.
+            (RoleRequest::Controller, _) if r.mirror => {
+                return Err(SfuError::ControllerTaken(room.to_string()))
+            }
+            (RoleRequest::Auto, _) if r.mirror => Role::Spectator,
             (RoleRequest::Auto, None) | (RoleRequest::Controller, None) => Role::Controller,
             (RoleRequest::Controller, Some(_)) => {
                 return Err(SfuError::ControllerTaken(room.to_string()))
@@ -1132,7 +1167,7 @@ impl Sfu {
             v.cache_grace_until = Some(now + self.cfg.cache_grace);
             self.stats.viewer_starts_from_cache += 1;
             self.mark_dirty(vk);
-        } else if r.publisher.is_some() {
+        } else if r.publisher.is_some() || r.mirror {
             self.request_keyframe(now, rk, layer);
         }
     }
@@ -1145,6 +1180,17 @@ impl Sfu {
             .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.keyframe_throttle)
         {
             self.stats.keyframe_requests_merged += 1;
+            return;
+        }
+        if r.mirror {
+            // The publisher is on the home core: the driver passes this on.
+            r.last_keyframe_request = Some(now);
+            let rid = r.tracks[VIDEO].layers.get(layer).and_then(|l| l.rid);
+            self.upstream.push_back(Upstream::Keyframe {
+                room: r.name.clone(),
+                rid,
+            });
+            self.stats.keyframe_requests_to_home += 1;
             return;
         }
         let (Some(pk), Some(mid)) = (r.publisher, r.tracks[VIDEO].mid) else {
@@ -1279,18 +1325,39 @@ impl Sfu {
         } else {
             Pushed::Packet
         };
+        if r.exported {
+            let rid = r.tracks[track].layers[layer].rid;
+            let fp = span::FeedPacket {
+                track,
+                rid,
+                spec,
+                epoch: r.epoch,
+                simulcast: r.simulcast,
+                cp: cp.clone(),
+            };
+            span::push_feed(&mut self.feeds, p.room, &r.name, now, fp);
+            stats.feed_packets_out += 1;
+        }
         let room = p.room;
+        self.queue_fan_out(
+            now,
+            PendingRtp {
+                room,
+                track,
+                layer,
+                pushed,
+                cp,
+            },
+        );
+    }
+
+    /// Holds a room's packet for the next viewer-major [`Sfu::fan_out`].
+    fn queue_fan_out(&mut self, now: Instant, pk: PendingRtp) {
         if self.fan_at.paused() {
             // A packet joining a half-sent run would miss the viewers already served.
             self.fan_out(now, usize::MAX);
         }
-        self.pending.push(PendingRtp {
-            room,
-            track,
-            layer,
-            pushed,
-            cp,
-        });
+        self.pending.push(pk);
         if self.pending.len() >= MAX_PENDING {
             self.fan_out(now, usize::MAX);
         }

@@ -114,6 +114,11 @@ pub struct Room {
     pub last_keyframe_request: Option<Instant>,
     /// The current publisher's payload types and codecs.
     pub pt_specs: Vec<(Pt, CodecSpec)>,
+    /// A mirror of a room whose publisher is on another core ([`crate::span`]):
+    /// its packets come through [`crate::Sfu::feed`].
+    pub mirror: bool,
+    /// The publisher's packets are also copied out for mirrors on other cores.
+    pub exported: bool,
 }
 
 impl Room {
@@ -129,6 +134,8 @@ impl Room {
             simulcast: false,
             last_keyframe_request: None,
             pt_specs: Vec::new(),
+            mirror: false,
+            exported: false,
         }
     }
 

@@ -86,6 +86,16 @@ pub struct SfuStats {
     /// Addresses a new session took over from another (stale) one that still held
     /// them: a NAT reusing a port, a client restarting within the ICE timeout.
     pub address_takeovers: u64,
+    /// Publisher packets copied out to other media threads' mirrors of a room
+    /// (counted once per packet, however many mirrors take it).
+    pub feed_packets_out: u64,
+    /// Packets a mirror room took from its home thread's feed.
+    pub feed_packets_in: u64,
+    /// Feed packets dropped: no such mirror room here any more, or too many layers.
+    pub feed_packets_dropped: u64,
+    /// Keyframe requests a mirror room passed to its home thread (before the
+    /// home's own throttle, which `keyframe_requests_upstream` counts after).
+    pub keyframe_requests_to_home: u64,
 }
 
 impl SfuStats {
@@ -131,6 +141,10 @@ impl SfuStats {
             dropped_duplicate,
             fanout_slices,
             address_takeovers,
+            feed_packets_out,
+            feed_packets_in,
+            feed_packets_dropped,
+            keyframe_requests_to_home,
         );
     }
 }

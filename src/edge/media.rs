@@ -6,7 +6,7 @@
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
-use edgerelay_sfu::{Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
+use edgerelay_sfu::{
+    Joined, PeerId, RoleRequest, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats, Upstream,
+};
 use edgerelay_turn::{FxHasher, LocalPacket, TurnHandle};
 
 use super::batch_io;
 use super::relay_send::RelaySend;
+pub use super::span::SpanPolicy;
+use super::span::{seat, Exports, HomeRoom, Seat, ShardBus, ShardMsg, BUS_DEPTH};
 use super::turn::Waker;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -81,6 +85,34 @@ pub enum MediaCmd {
         /// Result.
         reply: oneshot::Sender<Result<(), SfuError>>,
     },
+    /// A `View` or `ViewOffer` seated on a mirror of a room homed on another
+    /// thread (set by [`MediaHandle`]'s routing; signalling never builds it).
+    Spanned {
+        /// The room's home thread.
+        home: usize,
+        /// The viewer's command.
+        cmd: Box<MediaCmd>,
+    },
+}
+
+impl MediaCmd {
+    /// Answers a viewer's command with `err` without running it.
+    fn refuse(self, err: SfuError) {
+        match self {
+            MediaCmd::View { reply, .. } | MediaCmd::ViewOffer { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            MediaCmd::Spanned { cmd, .. } => cmd.refuse(err),
+            MediaCmd::Publish { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            MediaCmd::Answer { reply, .. }
+            | MediaCmd::Candidate { reply, .. }
+            | MediaCmd::Remove { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
 }
 
 /// A room as the HTTP side sees it (refreshed a few times per second).
@@ -90,8 +122,17 @@ pub struct RoomInfo {
     pub name: String,
     /// Publisher connected.
     pub publisher: bool,
-    /// Viewers in the room.
+    /// Viewers in the room (over all threads it spans).
     pub viewers: usize,
+    /// A controller is seated (on the home thread).
+    #[serde(skip)]
+    pub controller: bool,
+    /// Simulcast video.
+    #[serde(skip)]
+    pub simulcast: bool,
+    /// This entry is a thread's mirror of a room homed on another.
+    #[serde(skip)]
+    pub mirror: bool,
 }
 
 /// What one media thread last published.
@@ -136,8 +177,15 @@ pub struct Shared {
     pub gso_segments: AtomicU64,
     /// Media threads currently sending with UDP GSO.
     pub gso_threads: AtomicU64,
-    /// From a receive batch's return to the end of the sends it caused.
+    /// From a receive batch's return to the end of the sends it caused (on a
+    /// mirror thread: from the home thread's receive).
     pub fanout_delay: DelayHistogram,
+    /// Viewers seated on a mirror of a room homed on another thread.
+    pub span_seated: AtomicU64,
+    /// Feeds (a receive batch of one room's packets) handed to mirror threads.
+    pub span_feeds: AtomicU64,
+    /// Messages between media threads dropped (an inbox full, a thread gone).
+    pub span_dropped: AtomicU64,
     /// The thread is running.
     pub alive: AtomicBool,
     /// Set to stop the thread.
@@ -232,6 +280,9 @@ pub struct MediaHandle {
     pub shared: Arc<Shared>,
     /// The first shard's media address (the only one with one thread).
     pub local_addr: SocketAddr,
+    span: SpanPolicy,
+    /// Hands out mirror seats in turn.
+    span_turn: Arc<AtomicUsize>,
 }
 
 /// Which of `n` shards hosts `room` (FNV-1a: stable across runs and builds).
@@ -278,10 +329,67 @@ impl MediaHandle {
     ) -> Result<T, MediaGone> {
         let (tx, rx) = oneshot::channel();
         let (k, cmd) = self.route(make(tx));
+        let Some((k, cmd)) = self.span_seat(k, cmd) else {
+            // Refused here; the reply is already in the channel.
+            return rx.await.map_err(|_| MediaGone);
+        };
         let shard = self.shards.get(k).ok_or(MediaGone)?;
         shard.tx.send(cmd).map_err(|_| MediaGone)?;
         shard.waker.wake_now();
         rx.await.map_err(|_| MediaGone)
+    }
+
+    /// Seats a viewer of a large room on a mirror thread when the span policy
+    /// says so. Returns the thread to send the command to and the command (for a
+    /// mirror, wrapped in [`MediaCmd::Spanned`]); `None` when it was refused (its
+    /// reply sent: the room is full over all its threads).
+    fn span_seat(&self, home: usize, cmd: MediaCmd) -> Option<(usize, MediaCmd)> {
+        let (room, role) = match &cmd {
+            MediaCmd::View { room, role, .. } | MediaCmd::ViewOffer { room, role, .. } => {
+                (room.as_str(), *role)
+            }
+            _ => return Some((home, cmd)),
+        };
+        let n = self.shards.len();
+        if n < 2 || self.span.viewers == 0 {
+            return Some((home, cmd));
+        }
+        let mut home_room = None;
+        let mut total = 0;
+        for (k, slot) in self.shared.shards.iter().enumerate() {
+            let Ok(state) = slot.lock() else {
+                continue;
+            };
+            for r in state.rooms.iter().filter(|r| r.name == room) {
+                total += r.viewers;
+                if k == home && !r.mirror {
+                    home_room = Some(HomeRoom {
+                        viewers: r.viewers,
+                        publisher: r.publisher,
+                        controller: r.controller,
+                        simulcast: r.simulcast,
+                    });
+                }
+            }
+        }
+        match seat(self.span, n, home, home_room, total, role, &self.span_turn) {
+            Seat::Home => Some((home, cmd)),
+            Seat::Mirror(k) => {
+                self.shared.span_seated.fetch_add(1, Ordering::Relaxed);
+                Some((
+                    k,
+                    MediaCmd::Spanned {
+                        home,
+                        cmd: Box::new(cmd),
+                    },
+                ))
+            }
+            Seat::Full => {
+                let room = room.to_string();
+                cmd.refuse(SfuError::RoomFull(room));
+                None
+            }
+        }
     }
 
     fn route(&self, cmd: MediaCmd) -> (usize, MediaCmd) {
@@ -313,6 +421,7 @@ impl MediaHandle {
                 let (k, peer) = local_peer(n, peer);
                 (k, MediaCmd::Remove { peer, reply })
             }
+            MediaCmd::Spanned { home, cmd } => (home, MediaCmd::Spanned { home, cmd }),
         }
     }
 
@@ -486,10 +595,23 @@ pub fn spawn(
     specs: Vec<ShardSpec>,
     turn: Option<TurnSpec>,
     io: impl Into<MediaIo>,
+    span: SpanPolicy,
 ) -> anyhow::Result<MediaHandle> {
     let io = io.into();
     let n = specs.len();
     anyhow::ensure!(n > 0, "media: at least one shard");
+    // The threads' bus: every thread may queue for every other.
+    let (bus_tx, mut inboxes): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| {
+            let (tx, rx) = mpsc::sync_channel(BUS_DEPTH);
+            (tx, Some(rx))
+        })
+        .unzip();
+    let bus_links: Vec<_> = bus_tx
+        .into_iter()
+        .zip(&specs)
+        .map(|(tx, spec)| (tx, spec.socket.waker.clone()))
+        .collect();
     let shared = Arc::new(Shared {
         shards: (0..n).map(|_| Mutex::new(ShardState::default())).collect(),
         ..Default::default()
@@ -516,6 +638,10 @@ pub fn spawn(
             (Some(t), Some(rx)) => Some((t.handle.clone(), rx, t.media_sends)),
             _ => None,
         };
+        let inbox = inboxes[shard]
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("media: shard {shard} started twice"))?;
+        let bus = ShardBus::new(bus_links.clone(), inbox);
         std::thread::Builder::new()
             .name(format!("media-{shard}"))
             .spawn(move || {
@@ -553,6 +679,9 @@ pub fn spawn(
                     out: Vec::with_capacity(OUT_QUEUE),
                     sender,
                     received_at: None,
+                    bus,
+                    exports: Exports::default(),
+                    mirrors: HashMap::default(),
                 };
                 engine.run();
                 if engine.sender.gso_active() {
@@ -571,6 +700,8 @@ pub fn spawn(
         local_addr: links[0].local_addr,
         shards: links,
         shared,
+        span,
+        span_turn: Arc::new(AtomicUsize::new(0)),
     })
 }
 
@@ -609,6 +740,12 @@ struct Engine {
     /// When the last receive that handed datagrams to the SFU returned; the
     /// fan-out delay is measured from there to the end of the next flush.
     received_at: Option<Instant>,
+    /// The other media threads (rooms spanning threads).
+    bus: ShardBus,
+    /// Rooms homed here that other threads mirror.
+    exports: Exports,
+    /// Rooms mirrored here, and their home threads.
+    mirrors: HashMap<String, usize>,
 }
 
 impl Shared {
@@ -642,6 +779,7 @@ impl Engine {
             }
             self.shared.loop_iterations.fetch_add(1, Ordering::Relaxed);
             self.commands();
+            self.bus_in();
             self.handoff_in();
             self.flush();
             let now = Instant::now();
@@ -814,6 +952,8 @@ impl Engine {
     }
 
     fn flush(&mut self) {
+        // Mirrors first: they fan out their share while this thread does its own.
+        self.bus_out();
         // The clock only matters to relayed sends (route expiry).
         let mut now = None;
         if let Some(s) = self.turn.as_mut().and_then(|t| t.sends.as_mut()) {
@@ -871,15 +1011,138 @@ impl Engine {
                     info!(%room, peer = peer.as_u64(), role = role.as_str(), "peer gone")
                 }
                 SfuEvent::RoomOpened { room } => info!(%room, "room opened"),
-                SfuEvent::RoomClosed { room } => info!(%room, "room closed"),
+                SfuEvent::RoomClosed { room } => {
+                    info!(%room, "room closed");
+                    self.exports.close(room);
+                    if let Some(home) = self.mirrors.remove(room) {
+                        let msg = ShardMsg::Unsubscribe {
+                            room: room.clone(),
+                            shard: self.shard,
+                        };
+                        self.bus_send(home, msg);
+                    }
+                }
             }
         }
+        // Keyframe requests of viewers that connected in this flush.
+        self.bus_out();
+    }
+
+    /// Queues a message for another media thread, counting what is dropped.
+    fn bus_send(&self, to: usize, msg: ShardMsg) {
+        if !self.bus.send(to, msg) {
+            self.shared.span_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands exported rooms' packets to their mirrors and mirror rooms' keyframe
+    /// requests to their homes.
+    fn bus_out(&mut self) {
+        while let Some(feed) = self.sfu.poll_feed() {
+            let mut to = self.exports.subscribers(feed.room()).peekable();
+            if to.peek().is_none() {
+                continue;
+            }
+            let feed = Arc::new(feed);
+            for k in to {
+                self.shared.span_feeds.fetch_add(1, Ordering::Relaxed);
+                if !self.bus.send(k, ShardMsg::Feed(feed.clone())) {
+                    self.shared.span_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        while let Some(Upstream::Keyframe { room, rid }) = self.sfu.poll_upstream() {
+            if let Some(&home) = self.mirrors.get(&room) {
+                let shard = self.shard;
+                self.bus_send(home, ShardMsg::Keyframe { room, rid, shard });
+            }
+        }
+    }
+
+    /// Takes what the other media threads sent.
+    fn bus_in(&mut self) {
+        // Cleared before draining: a message queued after this wakes the thread again.
+        self.waker.pending.store(false, Ordering::Release);
+        for _ in 0..BUS_DEPTH {
+            let Ok(msg) = self.bus.inbox.try_recv() else {
+                break;
+            };
+            let now = Instant::now();
+            match msg {
+                ShardMsg::Feed(feed) => {
+                    if self.sfu.feed(now, &feed) {
+                        let t = feed.received_at();
+                        self.received_at = Some(self.received_at.map_or(t, |r| r.min(t)));
+                    }
+                }
+                ShardMsg::Subscribe { room, shard } => self.add_subscriber(now, &room, shard),
+                ShardMsg::Unsubscribe { room, shard } => {
+                    if self.exports.unsubscribe(&room, shard) {
+                        self.sfu.export_feed(&room, false);
+                    }
+                    debug!(%room, shard, "mirror unsubscribed");
+                }
+                ShardMsg::Keyframe { room, rid, shard } => {
+                    self.add_subscriber(now, &room, shard);
+                    self.sfu.upstream_keyframe(now, &room, rid);
+                }
+            }
+        }
+    }
+
+    /// A mirror thread wants `room`'s packets: from now on, starting with what
+    /// the room has cached since its last keyframe.
+    fn add_subscriber(&mut self, now: Instant, room: &str, shard: usize) {
+        if shard == self.shard || !self.sfu.export_feed(room, true) {
+            return;
+        }
+        if self.exports.subscribe(room, shard) {
+            info!(%room, shard, "room spans to another media thread");
+            if let Some(gop) = self.sfu.gop_feed(now, room) {
+                self.bus_send(shard, ShardMsg::Feed(Arc::new(gop)));
+            }
+        }
+    }
+
+    /// Runs a viewer's command on a mirror of a room homed on thread `home`,
+    /// opening the mirror (and subscribing to the home) for its first viewer.
+    fn view_mirrored(&mut self, now: Instant, home: usize, cmd: MediaCmd) {
+        let room = match &cmd {
+            MediaCmd::View { room, .. } | MediaCmd::ViewOffer { room, .. } => room.clone(),
+            _ => return cmd.refuse(SfuError::BadSdp("not a viewer".into())),
+        };
+        if !self.mirrors.contains_key(&room) {
+            if !self.sfu.mirror_room(now, &room) {
+                // Homed here after all (cannot happen with a fixed thread count).
+                return self.command(now, cmd);
+            }
+            self.mirrors.insert(room.clone(), home);
+            let shard = self.shard;
+            self.bus_send(
+                home,
+                ShardMsg::Subscribe {
+                    room: room.clone(),
+                    shard,
+                },
+            );
+        }
+        self.command(now, cmd);
+        // A refused offer leaves the new mirror empty: close it (and unsubscribe).
+        self.sfu.close_if_empty(&room);
     }
 
     fn commands(&mut self) {
         while let Ok(cmd) = self.rx.try_recv() {
             let now = Instant::now();
+            self.command(now, cmd);
+            self.publish_state(now);
+        }
+    }
+
+    fn command(&mut self, now: Instant, cmd: MediaCmd) {
+        {
             match cmd {
+                MediaCmd::Spanned { home, cmd } => self.view_mirrored(now, home, *cmd),
                 MediaCmd::Publish { room, offer, reply } => {
                     let _ = {
                         let r = self.sfu.publish(now, &room, &offer);
@@ -922,7 +1185,6 @@ impl Engine {
                     let _ = reply.send(self.sfu.remove_peer(now, peer));
                 }
             }
-            self.publish_state(now);
         }
     }
 
@@ -940,10 +1202,13 @@ impl Engine {
             .sfu
             .rooms()
             .into_iter()
-            .map(|(name, publisher, viewers)| RoomInfo {
-                name,
-                publisher,
-                viewers,
+            .map(|r| RoomInfo {
+                name: r.name,
+                publisher: r.publisher,
+                viewers: r.viewers,
+                controller: r.controller,
+                simulcast: r.simulcast,
+                mirror: r.mirror,
             })
             .collect();
         if let Some(Ok(mut slot)) = self.shared.shards.get(self.shard).map(|m| m.lock()) {
@@ -962,6 +1227,7 @@ impl Engine {
                 peers += slot.peers;
             }
         }
+        let rooms = merge_rooms(rooms);
         let viewers: usize = rooms.iter().map(|r| r.viewers).sum();
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
@@ -974,9 +1240,58 @@ impl Engine {
     }
 }
 
+/// One entry per room: a room spanning threads is listed by each (its home and
+/// its mirrors), and is shown once, with its viewers added up.
+fn merge_rooms(rooms: Vec<RoomInfo>) -> Vec<RoomInfo> {
+    let mut out: Vec<RoomInfo> = Vec::with_capacity(rooms.len());
+    let mut at: HashMap<String, usize> = HashMap::with_capacity(rooms.len());
+    for r in rooms {
+        match at.get(&r.name) {
+            Some(&i) => {
+                let m = &mut out[i];
+                m.viewers += r.viewers;
+                m.publisher |= r.publisher;
+                m.controller |= r.controller;
+                m.simulcast |= r.simulcast;
+                m.mirror &= r.mirror;
+            }
+            None => {
+                at.insert(r.name.clone(), out.len());
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spanning_room_is_listed_once() {
+        let info = |name: &str, publisher: bool, viewers: usize, mirror: bool| RoomInfo {
+            name: name.into(),
+            publisher,
+            viewers,
+            controller: !mirror,
+            simulcast: false,
+            mirror,
+        };
+        let merged = merge_rooms(vec![
+            info("big", false, 300, true),
+            info("small", true, 2, false),
+            info("big", true, 256, false),
+            info("big", false, 299, true),
+        ]);
+        assert_eq!(merged.len(), 2);
+        let big = &merged[0];
+        assert_eq!(
+            (big.viewers, big.publisher, big.controller, big.mirror),
+            (855, true, true, false)
+        );
+        assert_eq!(merged[1].viewers, 2);
+    }
 
     #[test]
     fn peer_ids_round_trip_through_their_shard() {

@@ -88,6 +88,28 @@ impl Metrics {
             c("edgerelay_replay_slices_total", s.replay_slices);
             c("edgerelay_fanout_slices_total", s.fanout_slices);
             c("edgerelay_address_takeovers_total", s.address_takeovers);
+            c("edgerelay_span_feed_packets_out_total", s.feed_packets_out);
+            c("edgerelay_span_feed_packets_in_total", s.feed_packets_in);
+            c(
+                "edgerelay_span_feed_packets_dropped_total",
+                s.feed_packets_dropped,
+            );
+            c(
+                "edgerelay_span_keyframe_requests_to_home_total",
+                s.keyframe_requests_to_home,
+            );
+            c(
+                "edgerelay_span_viewers_seated_total",
+                shared.span_seated.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_span_feeds_total",
+                shared.span_feeds.load(Ordering::Relaxed),
+            );
+            c(
+                "edgerelay_span_messages_dropped_total",
+                shared.span_dropped.load(Ordering::Relaxed),
+            );
             c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
             c("edgerelay_direct_packets_total", s.direct_out);
             c("edgerelay_direct_sync_packets_total", s.direct_sync);

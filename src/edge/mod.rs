@@ -8,6 +8,7 @@ pub mod media;
 pub mod metrics;
 pub mod register;
 pub mod relay_send;
+pub mod span;
 pub mod turn;
 pub mod ws;
 
@@ -48,6 +49,10 @@ pub struct EdgeArgs {
     /// Media threads, one UDP port each (overrides media.threads; 0 = one per CPU).
     #[arg(long)]
     pub media_threads: Option<usize>,
+    /// Viewers on a room's own thread before it spans threads (overrides
+    /// media.span_viewers; 0 = never).
+    #[arg(long)]
+    pub span_viewers: Option<usize>,
     /// Node id (overrides node.id).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -83,6 +88,9 @@ impl EdgeArgs {
         }
         if let Some(n) = self.media_threads {
             cfg.media.threads = n;
+        }
+        if let Some(n) = self.span_viewers {
+            cfg.media.span_viewers = n;
         }
         if let Some(id) = &self.node_id {
             cfg.node.id = id.clone();
@@ -208,7 +216,11 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         handle: t.handle.clone(),
         media_sends: cfg.turn.media_sends,
     });
-    let media = media::spawn(specs, turn_link, &cfg.media)?;
+    let span = media::SpanPolicy {
+        viewers: cfg.media.span_viewers,
+        max_viewers_per_room: sfu_cfg.max_viewers_per_room,
+    };
+    let media = media::spawn(specs, turn_link, &cfg.media, span)?;
     let media_addr = media.local_addr;
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
