@@ -5,6 +5,8 @@
 # one line
 #   RESULT variant=... n=... receiving=... join_failures=... us_per_pkt=... loss_pct=... rss_kb_per_viewer=... server_cpu_pct=...
 #          gso_segs_per_send=... gso_pct_of_datagrams=... fanout_p50_le_ms=... fanout_p99_le_ms=...
+#          pkt_fanout_p50_le_ms=... pkt_fanout_p99_le_ms=... (the same delay per publisher packet,
+#          not per media loop pass: passes that brought only RTCP do not count)
 #          viewers_on_mirrors=... (viewers seated on another thread than their room's)
 # (the last four from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
@@ -38,7 +40,8 @@
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # VARIANTS="baseline batched ..." (default: all, in that order),
-# EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
+# EDGERELAY_BIN (default: cargo build --release), KEEP=dir (keep each variant's /metrics
+# scrapes there). Loopback only; bounded in time.
 # Note: on loopback the server's CPU also pays the kernel's delivery of each datagram to
 # the receiving client socket (and the wake-up of the client's thread); on a NIC it does not.
 set -euo pipefail
@@ -120,6 +123,10 @@ TOML
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
   wait "$scrape" 2>/dev/null || true
   "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP" && cp "$dir/metrics" "$KEEP/$name.metrics" &&
+      cp "$dir/metrics.start" "$KEEP/$name.metrics.start" 2>/dev/null || true
+  fi
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   if [ -n "$NETNS" ]; then
@@ -133,32 +140,36 @@ try:
 except Exception as e:
     print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} error={e!r}")
     sys.exit(0)
-def scrape(path):
+def scrape(path, hist):
     m, buckets = {}, []
     try:
         for line in open(path):
             x = re.match(r'(edgerelay_(?:media_\w+?|datagrams_out_total|span_viewers_seated_total))(\{le="([^"]+)"\})? (\S+)$', line)
             if not x:
                 continue
-            if x.group(1) == "edgerelay_media_fanout_delay_seconds_bucket":
+            if x.group(1) == hist + "_bucket":
                 buckets.append((float(x.group(3)), float(x.group(4))))
             else:
                 m[x.group(1)] = float(x.group(4))
     except OSError:
         pass
     return m, buckets
-m, buckets = scrape(sys.argv[4])
-m0, b0 = scrape(sys.argv[5])
-m1 = dict(m)  # whole run (the seats are taken while joining)
-if b0 and len(b0) == len(buckets):
-    m = {k: v - m0.get(k, 0) for k, v in m.items()}
-    buckets = [(le, n - n0) for (le, n), (_, n0) in zip(buckets, b0)]
+def steady(hist):
+    m, buckets = scrape(sys.argv[4], hist)
+    m0, b0 = scrape(sys.argv[5], hist)
+    whole = dict(m)  # whole run (the seats are taken while joining)
+    if b0 and len(b0) == len(buckets):
+        m = {k: v - m0.get(k, 0) for k, v in m.items()}
+        buckets = [(le, n - n0) for (le, n), (_, n0) in zip(buckets, b0)]
+    return m, buckets, whole
+m, buckets, m1 = steady("edgerelay_media_fanout_delay_seconds")
+_, pkt_buckets, _ = steady("edgerelay_media_packet_fanout_delay_seconds")
 sends = m.get("edgerelay_media_gso_sends_total", 0)
 segs = f"{m.get('edgerelay_media_gso_segments_total', 0) / sends:.2f}" if sends else "0"
 out = m.get("edgerelay_datagrams_out_total", 0)
 share = f"{100 * m.get('edgerelay_media_gso_segments_total', 0) / out:.0f}" if out else "0"
-def quantile(q):
-    # Upper bound of the bucket holding the q-quantile (whole run, joins included).
+def quantile(q, buckets=buckets):
+    # Upper bound of the bucket holding the q-quantile.
     if not buckets or buckets[-1][1] == 0:
         return "na"
     for le, n in buckets:
@@ -170,6 +181,7 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_r
       f"loss_pct={r['loss_pct']} rss_kb_per_viewer={r['rss_kb_per_viewer']} "
       f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
       f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)} "
+      f"pkt_fanout_p50_le_ms={quantile(0.5, pkt_buckets)} pkt_fanout_p99_le_ms={quantile(0.99, pkt_buckets)} "
       f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f}")
 PY
 }

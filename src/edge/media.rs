@@ -178,8 +178,12 @@ pub struct Shared {
     /// Media threads currently sending with UDP GSO.
     pub gso_threads: AtomicU64,
     /// From a receive batch's return to the end of the sends it caused (on a
-    /// mirror thread: from the home thread's receive).
+    /// mirror thread: from the home thread's receive), once per media loop pass.
     pub fanout_delay: DelayHistogram,
+    /// The same delay once per publisher packet the pass fanned out (passes that
+    /// brought only RTCP or STUN do not count): the issue's "from a packet's
+    /// arrival to its departure to the last viewer" (of that thread).
+    pub packet_delay: DelayHistogram,
     /// Viewers seated on a mirror of a room homed on another thread.
     pub span_seated: AtomicU64,
     /// Feeds (a receive batch of one room's packets) handed to mirror threads.
@@ -194,9 +198,9 @@ pub struct Shared {
 
 /// Upper bounds (seconds) of the fan-out delay histogram's buckets: fine
 /// between 0.1 and 5 ms, where the target (p99 < 2 ms) is decided.
-pub const FANOUT_DELAY_BUCKETS: [f64; 20] = [
+pub const FANOUT_DELAY_BUCKETS: [f64; 22] = [
     0.00005, 0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175,
-    0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
+    0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
 
 /// A latency histogram the media threads fill with a few relaxed atomic adds
@@ -212,12 +216,18 @@ pub struct DelayHistogram {
 impl DelayHistogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
+        self.observe_n(d, 1);
+    }
+
+    /// Records `n` observations of the same value (`n` packets that left together).
+    pub fn observe_n(&self, d: Duration, n: u64) {
         let s = d.as_secs_f64();
         let k = FANOUT_DELAY_BUCKETS.partition_point(|&b| b < s);
-        self.buckets[k].fetch_add(1, Ordering::Relaxed);
+        self.buckets[k].fetch_add(n, Ordering::Relaxed);
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         self.sum_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+            .fetch_add(ns.saturating_mul(n), Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Cumulative counts per bound of [`FANOUT_DELAY_BUCKETS`] (then +Inf),
@@ -682,6 +692,7 @@ pub fn spawn(
                     bus,
                     exports: Exports::default(),
                     mirrors: HashMap::default(),
+                    packets_seen: 0,
                 };
                 engine.run();
                 if engine.sender.gso_active() {
@@ -746,6 +757,9 @@ struct Engine {
     exports: Exports,
     /// Rooms mirrored here, and their home threads.
     mirrors: HashMap<String, usize>,
+    /// Publisher and feed packets the SFU had taken in at the last fan-out delay
+    /// observation.
+    packets_seen: u64,
 }
 
 impl Shared {
@@ -784,9 +798,16 @@ impl Engine {
             self.flush();
             let now = Instant::now();
             if let Some(t) = self.received_at.take() {
-                self.shared
-                    .fanout_delay
-                    .observe(now.saturating_duration_since(t));
+                let d = now.saturating_duration_since(t);
+                self.shared.fanout_delay.observe(d);
+                // Publisher (or home-fed) packets taken in since the last pass.
+                let st = self.sfu.stats();
+                let seen = st.rtp_in + st.feed_packets_in;
+                let packets = seen.saturating_sub(self.packets_seen);
+                self.packets_seen = seen;
+                if packets > 0 {
+                    self.shared.packet_delay.observe_n(d, packets);
+                }
             }
             let next = self
                 .sfu

@@ -181,29 +181,36 @@ impl Metrics {
         gauge!("edgerelay_media_gso_threads")
             .set(shared.gso_threads.load(Ordering::Relaxed) as f64);
         let mut text = self.handle.render();
-        render_fanout_delay(&mut text, &shared.fanout_delay);
+        render_histogram(
+            &mut text,
+            "edgerelay_media_fanout_delay_seconds",
+            "From a media receive batch's return to the end of the sends it caused (per loop pass).",
+            &shared.fanout_delay,
+        );
+        render_histogram(
+            &mut text,
+            "edgerelay_media_packet_fanout_delay_seconds",
+            "From a publisher packet's receive to the end of its fan-out on a media thread (per packet).",
+            &shared.packet_delay,
+        );
         text
     }
 }
 
-/// Appends the fan-out delay histogram in Prometheus text format (the media
+/// Appends a fan-out delay histogram in Prometheus text format (the media
 /// threads keep their own bucket counts, so it is written here rather than
 /// recorded sample by sample into the registry).
-fn render_fanout_delay(text: &mut String, h: &DelayHistogram) {
+fn render_histogram(text: &mut String, name: &str, help: &str, h: &DelayHistogram) {
     use std::fmt::Write;
-    const NAME: &str = "edgerelay_media_fanout_delay_seconds";
     let (cumulative, sum, count) = h.snapshot();
-    let _ = writeln!(
-        text,
-        "# HELP {NAME} From a media receive batch's return to the end of the sends it caused."
-    );
-    let _ = writeln!(text, "# TYPE {NAME} histogram");
+    let _ = writeln!(text, "# HELP {name} {help}");
+    let _ = writeln!(text, "# TYPE {name} histogram");
     for (bound, n) in FANOUT_DELAY_BUCKETS.iter().zip(&cumulative) {
-        let _ = writeln!(text, "{NAME}_bucket{{le=\"{bound}\"}} {n}");
+        let _ = writeln!(text, "{name}_bucket{{le=\"{bound}\"}} {n}");
     }
-    let _ = writeln!(text, "{NAME}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(text, "{NAME}_sum {sum}");
-    let _ = writeln!(text, "{NAME}_count {count}");
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(text, "{name}_sum {sum}");
+    let _ = writeln!(text, "{name}_count {count}");
 }
 
 #[cfg(test)]
@@ -218,7 +225,12 @@ mod tests {
             h.observe(Duration::from_micros(us));
         }
         let mut text = String::new();
-        render_fanout_delay(&mut text, &h);
+        render_histogram(
+            &mut text,
+            "edgerelay_media_fanout_delay_seconds",
+            "help",
+            &h,
+        );
         let value = |le: &str| -> u64 {
             let key = format!("edgerelay_media_fanout_delay_seconds_bucket{{le=\"{le}\"}} ");
             text.lines()
@@ -237,5 +249,17 @@ mod tests {
         assert!(text.contains("# TYPE edgerelay_media_fanout_delay_seconds histogram"));
         assert!(text.contains("edgerelay_media_fanout_delay_seconds_count 7"));
         assert!(text.contains("edgerelay_media_fanout_delay_seconds_sum 0.41018"));
+    }
+
+    #[test]
+    fn a_pass_that_sent_several_packets_counts_each() {
+        let h = DelayHistogram::default();
+        h.observe_n(Duration::from_micros(300), 7);
+        h.observe_n(Duration::from_millis(20), 3);
+        let (cumulative, sum, count) = h.snapshot();
+        assert_eq!(count, 10);
+        assert!((sum - (7.0 * 0.0003 + 3.0 * 0.02)).abs() < 1e-9, "{sum}");
+        let at = |le: f64| cumulative[FANOUT_DELAY_BUCKETS.iter().position(|&b| b == le).unwrap()];
+        assert_eq!((at(0.0002), at(0.0003), at(0.01), at(0.025)), (0, 7, 7, 10));
     }
 }
