@@ -160,9 +160,10 @@ impl Room {
         }
     }
 
-    /// True when nothing keeps the room alive.
+    /// True when nothing keeps the room alive (mirrors on other cores do: their
+    /// viewers wait for the next publisher as the room's own would).
     pub fn is_empty(&self) -> bool {
-        self.publisher.is_none() && self.viewers.is_empty()
+        self.publisher.is_none() && self.viewers.is_empty() && !self.exported
     }
 
     /// Bitrate of a video layer, bits per second.

@@ -139,7 +139,10 @@ impl Sfu {
     }
 
     /// Starts (or stops) copying `room`'s publisher packets out as [`Feed`]s for
-    /// mirrors on other cores. Returns false if the room is not homed here.
+    /// mirrors on other cores. Returns false if the room is not homed here. An
+    /// exported room stays open with no publisher and no viewer of its own (the
+    /// mirrors' viewers wait in it for the next publisher); once export stops,
+    /// [`Sfu::close_if_empty`] closes it.
     pub fn export_feed(&mut self, room: &str, on: bool) -> bool {
         let Some(&rk) = self.room_by_name.get(room) else {
             return false;

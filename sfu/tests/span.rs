@@ -236,3 +236,38 @@ fn a_new_publisher_at_home_restarts_the_mirrors_viewers_at_its_keyframe() {
     assert!(f[before].key, "restarted on the new publisher's keyframe");
     assert_in_order(&f[before..], v);
 }
+
+#[test]
+fn a_home_room_kept_open_for_its_mirror_takes_the_next_publisher() {
+    let (mut home, mut mirror, p) = worlds();
+    assert!(mirror.sfu.mirror_room(mirror.now, "r"));
+    let v = mirror.view("r");
+    assert!(home.sfu.export_feed("r", true));
+    connect(&mut home, &mut mirror);
+    frames(&mut home, &mut mirror, p, 0..5);
+    // Everyone at home leaves: the room stays, for the mirror's viewer.
+    for i in [1, p] {
+        let peer = home.clients[i].peer.expect("peer");
+        home.sfu.remove_peer(home.now, peer).expect("removed");
+        home.blackhole.push(i);
+    }
+    assert_eq!(home.sfu.room_count(), 1, "kept open while exported");
+    let before = mirror.clients[v].frames.len();
+    let p2 = home.publish("r");
+    home.connect_all_except(&[1, p]);
+    frames(&mut home, &mut mirror, p2, 0..10);
+    step(&mut home, &mut mirror, Duration::from_millis(300));
+    let f = &mirror.clients[v].frames;
+    assert!(
+        f.len() >= before + 9,
+        "the next publisher reached the mirror"
+    );
+    assert!(f[before].key);
+    // The publisher leaves too; export off (the mirror unsubscribed): the room closes.
+    let peer = home.clients[p2].peer.expect("peer");
+    home.sfu.remove_peer(home.now, peer).expect("removed");
+    assert_eq!(home.sfu.room_count(), 1);
+    assert!(home.sfu.export_feed("r", false));
+    home.sfu.close_if_empty("r");
+    assert_eq!(home.sfu.room_count(), 0);
+}

@@ -1100,6 +1100,8 @@ impl Engine {
                 ShardMsg::Unsubscribe { room, shard } => {
                     if self.exports.unsubscribe(&room, shard) {
                         self.sfu.export_feed(&room, false);
+                        // Kept open for the mirror only (no publisher, no viewer here)?
+                        self.sfu.close_if_empty(&room);
                     }
                     debug!(%room, shard, "mirror unsubscribed");
                 }
