@@ -10,7 +10,8 @@
 #          upstream_kf_requests=.. budget_300ms=.. source_kf_max_per_300ms=.. ramp_s=.. loss_pct=..
 #
 # Environment: N=1000, JOIN_RATE=200, STEADY=10, THREADS (swarm threads, default: CPUs),
-# BITRATE_KBPS=2000, SFU_EXTRA (extra [sfu] lines, e.g. "bwe = false"), EDGERELAY_BIN (default: cargo build --release). Loopback only;
+# BITRATE_KBPS=2000, SFU_EXTRA (extra [sfu] lines, e.g. "bwe = false"), EDGE_ARGS (extra edge
+# flags, e.g. "--media-threads 2 --span-viewers 256"), EDGERELAY_BIN (default: cargo build --release). Loopback only;
 # bounded in time. On a 2-core machine the generator shares the CPU with the edge: read
 # `held` (viewers receiving in the steady phase) and loss before trusting the timings.
 set -euo pipefail
@@ -35,7 +36,8 @@ viewer_tokens = ["js-viewer-token"]
 max_viewers_per_room = $((N + 10))
 ${SFU_EXTRA:-}
 TOML
-start_edge "$TMP/edge.toml" --public-ip 127.0.0.1
+# shellcheck disable=SC2086 # EDGE_ARGS is a list of flags
+start_edge "$TMP/edge.toml" --public-ip 127.0.0.1 ${EDGE_ARGS:-}
 
 threads=()
 [ -n "${THREADS:-}" ] && threads=(--threads "$THREADS")
