@@ -96,21 +96,16 @@ pub enum MediaCmd {
 }
 
 impl MediaCmd {
-    /// Answers a viewer's command with `err` without running it.
+    /// Answers a viewer's command with `err` without running it. (Only viewers'
+    /// commands are refused so; any other is dropped, which its caller sees as
+    /// [`MediaGone`].)
     fn refuse(self, err: SfuError) {
         match self {
             MediaCmd::View { reply, .. } | MediaCmd::ViewOffer { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
             MediaCmd::Spanned { cmd, .. } => cmd.refuse(err),
-            MediaCmd::Publish { reply, .. } => {
-                let _ = reply.send(Err(err));
-            }
-            MediaCmd::Answer { reply, .. }
-            | MediaCmd::Candidate { reply, .. }
-            | MediaCmd::Remove { reply, .. } => {
-                let _ = reply.send(Err(err));
-            }
+            _ => {}
         }
     }
 }
@@ -190,6 +185,8 @@ pub struct Shared {
     pub span_feeds: AtomicU64,
     /// Messages between media threads dropped (an inbox full, a thread gone).
     pub span_dropped: AtomicU64,
+    /// Packets a mirror thread dropped for arriving too late ([`MAX_FEED_LAG`]).
+    pub span_late: AtomicU64,
     /// The thread is running.
     pub alive: AtomicBool,
     /// Set to stop the thread.
@@ -778,6 +775,11 @@ impl Shared {
     }
 }
 
+/// A mirror thread drops the home's packets older than this instead of sending
+/// them late (the home thread's own socket drops when it falls behind: this is
+/// the mirrors' equivalent, bounding their delay and letting them catch up).
+const MAX_FEED_LAG: Duration = Duration::from_millis(300);
+
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.
 const OUT_QUEUE: usize = batch_io::BATCH * 4;
@@ -1067,9 +1069,7 @@ impl Engine {
             let feed = Arc::new(feed);
             for k in to {
                 self.shared.span_feeds.fetch_add(1, Ordering::Relaxed);
-                if !self.bus.send(k, ShardMsg::Feed(feed.clone())) {
-                    self.shared.span_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                self.bus_send(k, ShardMsg::Feed(feed.clone()));
             }
         }
         while let Some(Upstream::Keyframe { room, rid }) = self.sfu.poll_upstream() {
@@ -1091,6 +1091,15 @@ impl Engine {
             let now = Instant::now();
             match msg {
                 ShardMsg::Feed(feed) => {
+                    if now.saturating_duration_since(feed.received_at()) > MAX_FEED_LAG {
+                        // This thread is behind (starved of CPU): video that old is
+                        // worth less to its viewers than catching up; they recover
+                        // from the gap by NACK or keyframe request, as from loss.
+                        self.shared
+                            .span_late
+                            .fetch_add(feed.len() as u64, Ordering::Relaxed);
+                        continue;
+                    }
                     if self.sfu.feed(now, &feed) {
                         let t = feed.received_at();
                         self.received_at = Some(self.received_at.map_or(t, |r| r.min(t)));

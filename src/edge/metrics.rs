@@ -110,6 +110,10 @@ impl Metrics {
                 "edgerelay_span_messages_dropped_total",
                 shared.span_dropped.load(Ordering::Relaxed),
             );
+            c(
+                "edgerelay_span_feed_packets_late_total",
+                shared.span_late.load(Ordering::Relaxed),
+            );
             c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
             c("edgerelay_direct_packets_total", s.direct_out);
             c("edgerelay_direct_sync_packets_total", s.direct_sync);

@@ -9,10 +9,12 @@
 //! out to theirs. Mirrors send keyframe requests back; they unsubscribe when their
 //! last viewer leaves.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use edgerelay_sfu::{Feed, RoleRequest};
 use str0m::media::Rid;
@@ -131,12 +133,22 @@ pub struct ShardBus {
     links: Vec<(SyncSender<ShardMsg>, Arc<Waker>)>,
     /// This thread's inbox.
     pub inbox: Receiver<ShardMsg>,
+    /// When a full inbox was last logged, and the drops since (one warning per
+    /// [`DROP_LOG_EVERY`], not one per message).
+    drops: Cell<(Option<Instant>, u64)>,
 }
+
+/// A thread whose inbox stays full is reported this often at most.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl ShardBus {
     /// A bus end from every thread's sender and waker and this thread's inbox.
     pub fn new(links: Vec<(SyncSender<ShardMsg>, Arc<Waker>)>, inbox: Receiver<ShardMsg>) -> Self {
-        ShardBus { links, inbox }
+        ShardBus {
+            links,
+            inbox,
+            drops: Cell::new((None, 0)),
+        }
     }
 
     /// Queues `msg` for thread `to` and wakes it. False if it could not be queued
@@ -151,7 +163,18 @@ impl ShardBus {
                 true
             }
             Err(TrySendError::Full(_)) => {
-                warn!(to, "media thread inbox full: message dropped");
+                let (last, n) = self.drops.get();
+                let now = Instant::now();
+                if last.is_none_or(|t| now.saturating_duration_since(t) >= DROP_LOG_EVERY) {
+                    warn!(
+                        to,
+                        dropped = n + 1,
+                        "a media thread's inbox is full (the thread is stalled): messages to it dropped"
+                    );
+                    self.drops.set((Some(now), 0));
+                } else {
+                    self.drops.set((last, n + 1));
+                }
                 false
             }
             Err(TrySendError::Disconnected(_)) => false,
