@@ -12,7 +12,9 @@
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50, ROUNDS=1
 # (direct and relay alternate per round; the ratio is of the medians),
 # MODES="direct relay" (e.g. MODES=relay STEADY=330 checks TURN refreshes on a long run),
-# EDGERELAY_BIN (default: cargo build --release). Loopback only; bounded in time.
+# EDGE_ARGS (extra edge flags, e.g. "--media-threads 2 --span-viewers 1": relayed viewers
+# on a room spanning threads), EDGERELAY_BIN (default: cargo build --release). Loopback only;
+# bounded in time.
 # The bench config raises the TURN allocation caps (generous for many viewers on one
 # host; each viewer now gets a REST user of its own); nothing else differs from the
 # defaults. The SFU is a peer the TURN server always allows (in-process hand-off), so no
@@ -45,7 +47,8 @@ relay_port_max = 0
 max_allocations_per_user = $((N * ${ROUNDS:-1} + 16))
 max_allocations = $((N * ${ROUNDS:-1} + 64))
 TOML
-start_edge "$TMP/edge.toml" --public-ip 127.0.0.1
+# shellcheck disable=SC2086 # EDGE_ARGS is a list of flags
+start_edge "$TMP/edge.toml" --public-ip 127.0.0.1 ${EDGE_ARGS:-}
 
 run_mode() {
   local mode=$1 round=$2 extra=()
