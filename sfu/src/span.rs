@@ -45,6 +45,12 @@ impl Feed {
         self.received_at
     }
 
+    /// Dates the feed from an earlier arrival the driver knows of (the kernel's
+    /// receive stamp of the batch, before the SFU saw it).
+    pub fn arrived_at(&mut self, t: Instant) {
+        self.received_at = self.received_at.min(t);
+    }
+
     /// Number of packets.
     pub fn len(&self) -> usize {
         self.packets.len()

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Messages per system call.
 pub const BATCH: usize = 64;
@@ -225,6 +225,9 @@ pub struct RecvBatch {
     lens: [usize; BATCH],
     addrs: [Option<SocketAddr>; BATCH],
     count: usize,
+    /// When the kernel took in each datagram (wall clock, since the Unix epoch),
+    /// on a socket with [`enable_rx_timestamps`].
+    stamps: [Option<Duration>; BATCH],
 }
 
 impl Default for RecvBatch {
@@ -234,6 +237,7 @@ impl Default for RecvBatch {
             lens: [0; BATCH],
             addrs: [None; BATCH],
             count: 0,
+            stamps: [None; BATCH],
         }
     }
 }
@@ -246,6 +250,27 @@ impl RecvBatch {
             let start = i * MAX_DATAGRAM;
             Some((a, &self.bufs[start..start + self.lens[i].min(MAX_DATAGRAM)]))
         })
+    }
+
+    /// When the earliest datagram of the last receive not sent from `skip` (the
+    /// thread's own waker) reached the host, as an `Instant` (`now` is the
+    /// caller's clock reading after the receive): the time it waited in the
+    /// socket while the thread was busy is then part of any delay measured from
+    /// it. `None` without kernel timestamps. (The kernel's stamp is wall-clock
+    /// time; an age outside 0..1 s, from a clock step, is not trusted.)
+    pub fn first_arrival(&self, now: Instant, skip: SocketAddr) -> Option<Instant> {
+        let stamp = (0..self.count)
+            .filter(|&i| self.addrs[i].is_some_and(|a| a != skip))
+            .filter_map(|i| self.stamps[i])
+            .min()?;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        let age = wall.checked_sub(stamp)?;
+        if age > Duration::from_secs(1) {
+            return None;
+        }
+        now.checked_sub(age)
     }
 }
 
@@ -332,6 +357,47 @@ mod imp {
         Ok(r > 0)
     }
 
+    /// Asks the kernel to stamp each received datagram with its arrival time
+    /// (`SO_TIMESTAMPNS`); [`RecvBatch::first_arrival`] reads it. False if refused.
+    pub fn enable_rx_timestamps(sock: &UdpSocket) -> bool {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                &one as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    }
+
+    /// The `SCM_TIMESTAMPNS` stamp in a received message's control data.
+    fn rx_stamp(hdr: &libc::msghdr) -> Option<Duration> {
+        // SAFETY: `hdr` was filled by recvmmsg; the CMSG_* macros stay within its
+        // msg_control buffer, whose length the kernel set in msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    let secs = u64::try_from(ts.tv_sec).ok()?;
+                    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+                    return Some(Duration::new(secs, nanos.min(999_999_999)));
+                }
+                c = libc::CMSG_NXTHDR(hdr, c);
+            }
+        }
+        None
+    }
+
+    /// Control data room per received message: one `SCM_TIMESTAMPNS` (a
+    /// `timespec`, 16 bytes plus its header), in 8-byte words for alignment.
+    const RX_CONTROL_WORDS: usize = 8;
+
     /// Receives up to [`BATCH`] datagrams without blocking.
     pub fn recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
         b.count = 0;
@@ -339,6 +405,7 @@ mod imp {
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        let mut control = [[0u64; RX_CONTROL_WORDS]; BATCH];
         let base = b.bufs.as_mut_ptr();
         for i in 0..BATCH {
             iovs[i] = libc::iovec {
@@ -350,6 +417,8 @@ mod imp {
             msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             msgs[i].msg_hdr.msg_iov = &mut iovs[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_control = control[i].as_mut_ptr() as *mut libc::c_void;
+            msgs[i].msg_hdr.msg_controllen = size_of::<[u64; RX_CONTROL_WORDS]>() as _;
         }
         // SAFETY: all pointers point into live local arrays or `bufs`, sized as declared.
         let n = unsafe {
@@ -377,6 +446,7 @@ mod imp {
             } else {
                 from_sockaddr(&names[i])
             };
+            b.stamps[i] = rx_stamp(&msgs[i].msg_hdr);
         }
         b.count = n;
         Ok(n)
@@ -583,6 +653,11 @@ mod imp {
         false
     }
 
+    /// No kernel receive timestamps here.
+    pub fn enable_rx_timestamps(_sock: &UdpSocket) -> bool {
+        false
+    }
+
     /// Sends one datagram per call (every run is one datagram without GSO).
     pub(super) fn send_runs<D: Datagram>(
         sock: &UdpSocket,
@@ -601,11 +676,46 @@ mod imp {
     }
 }
 
-pub use imp::{recv_batch, wait_readable};
+pub use imp::{enable_rx_timestamps, recv_batch, wait_readable};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_datagram_that_waited_in_the_socket_is_dated_by_its_arrival() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let mut batch = RecvBatch::default();
+        // Without the option: no stamp.
+        tx.send_to(b"plain", to).expect("send");
+        assert!(wait_readable(&rx, Duration::from_secs(2)).expect("poll"));
+        recv_batch(&rx, &mut batch).expect("recv");
+        let nobody: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        assert_eq!(batch.first_arrival(Instant::now(), nobody), None);
+        assert!(enable_rx_timestamps(&rx));
+        // Two datagrams arrive; the thread reads them 50 ms later.
+        tx.send_to(b"one", to).expect("send");
+        std::thread::sleep(Duration::from_millis(20));
+        tx.send_to(b"two", to).expect("send");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(wait_readable(&rx, Duration::from_secs(2)).expect("poll"));
+        assert_eq!(recv_batch(&rx, &mut batch).expect("recv"), 2);
+        let now = Instant::now();
+        let arrival = batch.first_arrival(now, nobody).expect("a kernel stamp");
+        // The waker's datagrams do not count: from the sender only, nothing left.
+        assert_eq!(
+            batch.first_arrival(now, tx.local_addr().expect("addr")),
+            None
+        );
+        let waited = now - arrival;
+        assert!(
+            waited >= Duration::from_millis(45) && waited < Duration::from_secs(1),
+            "the first datagram waited ~50 ms in the socket, measured {waited:?}"
+        );
+    }
 
     #[test]
     fn batches_cross_destinations_and_come_back_whole() {

@@ -653,6 +653,9 @@ pub fn spawn(
             .name(format!("media-{shard}"))
             .spawn(move || {
                 let sender = batch_io::Sender::new(&socket, io.gso, GSO_GROUP_BY_DESTINATION);
+                if io.batch && !batch_io::enable_rx_timestamps(&socket) {
+                    debug!("no kernel receive timestamps: fan-out delay from the receive call");
+                }
                 // Built here: the senders' scratch buffers stay on their thread.
                 let turn = turn.map(|(handle, rx, media_sends)| TurnLink {
                     sends: media_sends
@@ -863,12 +866,15 @@ impl Engine {
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
                 let now = Instant::now();
+                // From the kernel's arrival stamp: the wait in the socket while this
+                // thread was busy counts in the fan-out delay.
+                let arrival = batch.first_arrival(now, self.waker_addr).unwrap_or(now);
                 for (source, data) in batch.iter() {
                     if source == self.waker_addr {
                         continue;
                     }
                     if self.received_at.is_none() {
-                        self.received_at = Some(now);
+                        self.received_at = Some(arrival);
                     }
                     self.heard_direct(source);
                     let dest = self.destination_for(source);
@@ -1065,6 +1071,11 @@ impl Engine {
             let mut to = self.exports.subscribers(feed.room()).peekable();
             if to.peek().is_none() {
                 continue;
+            }
+            let mut feed = feed;
+            if let Some(t) = self.received_at {
+                // The kernel's arrival stamp of the batch, for the mirrors' delay.
+                feed.arrived_at(t);
             }
             let feed = Arc::new(feed);
             for k in to {
