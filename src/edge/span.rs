@@ -245,57 +245,64 @@ mod tests {
     #[test]
     fn a_small_room_stays_home() {
         let t = AtomicUsize::new(1);
-        assert_eq!(
-            seat(POLICY, 4, 0, room(9), 9, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
-        assert_eq!(
-            seat(POLICY, 4, 0, None, 0, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
-        // One thread, spanning off, a controller request, simulcast: home.
-        assert_eq!(
-            seat(POLICY, 1, 0, room(50), 50, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
         let off = SpanPolicy {
             viewers: 0,
             ..POLICY
         };
-        assert_eq!(
-            seat(off, 4, 0, room(50), 50, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
-        assert_eq!(
-            seat(POLICY, 4, 0, room(50), 50, RoleRequest::Controller, &t),
-            Seat::Home
-        );
-        let sim = room(50).map(|r| HomeRoom {
-            simulcast: true,
-            ..r
-        });
-        assert_eq!(
-            seat(POLICY, 4, 0, sim, 50, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
-        // No publisher yet: nothing to hand over.
-        let idle = room(50).map(|r| HomeRoom {
-            publisher: false,
-            ..r
-        });
-        assert_eq!(
-            seat(POLICY, 4, 0, idle, 50, RoleRequest::Spectator, &t),
-            Seat::Home
-        );
-        // Auto without a controller becomes the controller: home.
-        let free = room(50).map(|r| HomeRoom {
-            controller: false,
-            ..r
-        });
-        assert_eq!(
-            seat(POLICY, 4, 0, free, 50, RoleRequest::Auto, &t),
-            Seat::Home
-        );
+        let with = |f: fn(&mut HomeRoom)| {
+            room(50).map(|mut r| {
+                f(&mut r);
+                r
+            })
+        };
+        let cases = [
+            (
+                "below the threshold",
+                POLICY,
+                4,
+                room(9),
+                RoleRequest::Spectator,
+            ),
+            ("no such room here", POLICY, 4, None, RoleRequest::Spectator),
+            ("one thread", POLICY, 1, room(50), RoleRequest::Spectator),
+            ("spanning off", off, 4, room(50), RoleRequest::Spectator),
+            (
+                "a controller request",
+                POLICY,
+                4,
+                room(50),
+                RoleRequest::Controller,
+            ),
+            (
+                "simulcast",
+                POLICY,
+                4,
+                with(|r| r.simulcast = true),
+                RoleRequest::Spectator,
+            ),
+            (
+                "no publisher yet",
+                POLICY,
+                4,
+                with(|r| r.publisher = false),
+                RoleRequest::Spectator,
+            ),
+            // Auto without a controller becomes the controller: home.
+            (
+                "auto, controller free",
+                POLICY,
+                4,
+                with(|r| r.controller = false),
+                RoleRequest::Auto,
+            ),
+        ];
+        for (what, policy, threads, r, role) in cases {
+            assert_eq!(
+                seat(policy, threads, 0, r, 50, role, &t),
+                Seat::Home,
+                "{what}"
+            );
+        }
         assert_eq!(t.load(Ordering::Relaxed), 1, "no seat handed out");
     }
 
