@@ -41,7 +41,8 @@
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # VARIANTS="baseline batched ..." (default: all, in that order),
 # EDGERELAY_BIN (default: cargo build --release), KEEP=dir (keep each variant's /metrics
-# scrapes there). Loopback only; bounded in time.
+# scrapes there), LOADTEST_ARGS (extra `edgerelay loadtest` flags for every variant, e.g.
+# "--source-pace-kbps 5000": the source paces its packets as a libwebrtc sender does). Loopback only; bounded in time.
 # Note: on loopback the server's CPU also pays the kernel's delivery of each datagram to
 # the receiving client socket (and the wake-up of the client's thread); on a NIC it does not.
 set -euo pipefail
@@ -85,6 +86,8 @@ make_rps_netns() {
 run_variant() {
   local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=() rest=()
   case $name in *_rxgro) client=(--receiver-gro) ;; esac
+  # shellcheck disable=SC2206 # LOADTEST_ARGS is a list of flags
+  client+=(${LOADTEST_ARGS:-})
   if [ "$name" = direct_rps ]; then
     if ! make_rps_netns; then
       echo "RESULT variant=$name n=$N skipped=needs root, ip, taskset and 2+ CPUs"

@@ -97,6 +97,10 @@ pub struct LoadtestArgs {
     /// Cache file for the source's encoded loop (reused if present).
     #[arg(long)]
     pub source_cache: Option<PathBuf>,
+    /// Pace the source's packets at this rate (kbit/s), as a libwebrtc sender's
+    /// pacer does (about 2.5x the bitrate); 0 = each frame's packets back to back.
+    #[arg(long, default_value_t = 0)]
+    pub source_pace_kbps: u32,
     /// Relayed viewers: every viewer reaches the edge only through the edge's built-in
     /// TURN server (credentials from /api/ice-servers or the WHEP Link headers).
     #[arg(long, value_enum, conflicts_with = "janus")]
@@ -395,6 +399,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             gop_frames: args.source_fps.saturating_mul(2),
             loop_frames: args.source_fps.saturating_mul(4),
             cache: args.source_cache.clone(),
+            pace_kbps: args.source_pace_kbps,
         };
         let s = source::start(cfg).await?;
         let deadline = Instant::now() + Duration::from_secs(20);

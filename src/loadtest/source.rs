@@ -10,6 +10,7 @@
 //! under test) low and makes both servers receive byte-identical streams. A keyframe
 //! request makes the source jump to the next keyframe of the loop.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,10 @@ pub struct SourceConfig {
     pub loop_frames: u32,
     /// Cache file for the encoded loop (loaded if present, written otherwise).
     pub cache: Option<PathBuf>,
+    /// Send a frame's packets spread out at this rate, as a libwebrtc sender's
+    /// pacer does (about 2.5x the bitrate); 0 = back to back, as they are
+    /// packetized (the harder case for the edge: a frame arrives as one burst).
+    pub pace_kbps: u32,
 }
 
 /// One encoded frame of the loop.
@@ -365,10 +370,11 @@ pub async fn start(cfg: SourceConfig) -> anyhow::Result<Source> {
     let stop = Arc::new(AtomicBool::new(false));
     let (st, s2) = (stop.clone(), stats.clone());
     let fps = cfg.fps;
+    let pace_bps = u64::from(cfg.pace_kbps) * 1000;
     let thread = std::thread::Builder::new()
         .name("loadtest-source".into())
         .spawn(move || {
-            let r = send_loop(frames, fps, whip, plain, &st, &s2);
+            let r = send_loop(frames, fps, pace_bps, whip, plain, &st, &s2);
             if let Err(e) = &r {
                 tracing::warn!("source ended: {e:#}");
             }
@@ -394,6 +400,7 @@ fn h264_pt(rtc: &mut Rtc, mid: Mid) -> Option<Pt> {
 fn send_loop(
     frames: Vec<LoopFrame>,
     fps: u32,
+    pace_bps: u64,
     mut whip: Option<WhipSink>,
     plain: Option<UdpSocket>,
     stop: &AtomicBool,
@@ -409,6 +416,9 @@ fn send_loop(
     let mut frame_no: u64 = 0;
     let mut jump_to_key = false;
     let mut rtp_buf = Vec::with_capacity(MTU + 12);
+    // Packets written by the encoder side, waiting for the pacer: (payload, marker, ts).
+    let mut paced: VecDeque<(Vec<u8>, bool, u32)> = VecDeque::new();
+    let mut next_send = start;
     while !stop.load(Ordering::Relaxed) {
         let mut deadline = Instant::now() + Duration::from_millis(50);
         if let Some(w) = whip.as_mut() {
@@ -466,8 +476,28 @@ fn send_loop(
             let nals = h264::split_annexb(&f.data);
             let sei = h264::stamp_sei(unix_micros());
             let nals = h264::with_sei(&nals, &sei);
-            let pkts = h264::packetize(&nals, MTU);
-            for (payload, marker) in pkts {
+            paced.extend(
+                h264::packetize(&nals, MTU)
+                    .into_iter()
+                    .map(|(p, m)| (p, m, ts)),
+            );
+            stats.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        // Send what the pacer allows now (everything, without pacing).
+        while ready && paced.front().is_some() {
+            let now = Instant::now();
+            if pace_bps > 0 && now < next_send {
+                deadline = deadline.min(next_send);
+                break;
+            }
+            let Some((payload, marker, ts)) = paced.pop_front() else {
+                break;
+            };
+            if pace_bps > 0 {
+                let bits = (payload.len() as u64 + 40) * 8;
+                next_send = next_send.max(now) + Duration::from_nanos(bits * 1_000_000_000 / pace_bps);
+            }
+            {
                 stats.packets.fetch_add(1, Ordering::Relaxed);
                 stats
                     .bytes
@@ -509,7 +539,6 @@ fn send_loop(
                     deadline = deadline.min(t);
                 }
             }
-            stats.frames.fetch_add(1, Ordering::Relaxed);
         }
         if ready {
             deadline = deadline.min(next);
