@@ -1152,7 +1152,8 @@ impl Engine {
     fn view_mirrored(&mut self, now: Instant, home: usize, cmd: MediaCmd) {
         let room = match &cmd {
             MediaCmd::View { room, .. } | MediaCmd::ViewOffer { room, .. } => room.clone(),
-            _ => return cmd.refuse(SfuError::BadSdp("not a viewer".into())),
+            // (Routing wraps only viewers' commands.)
+            _ => return self.command(now, cmd),
         };
         if !self.mirrors.contains_key(&room) {
             if !self.sfu.mirror_room(now, &room) {
@@ -1182,51 +1183,50 @@ impl Engine {
         }
     }
 
+    /// Runs one signalling command on this thread's SFU and sends its reply.
     fn command(&mut self, now: Instant, cmd: MediaCmd) {
-        {
-            match cmd {
-                MediaCmd::Spanned { home, cmd } => self.view_mirrored(now, home, *cmd),
-                MediaCmd::Publish { room, offer, reply } => {
-                    let _ = {
-                        let r = self.sfu.publish(now, &room, &offer);
-                        reply.send(self.globalize(r))
-                    };
-                }
-                MediaCmd::View {
-                    room,
-                    offer,
-                    role,
-                    reply,
-                } => {
-                    let _ = {
-                        let r = self.sfu.view(now, &room, &offer, role);
-                        reply.send(self.globalize(r))
-                    };
-                }
-                MediaCmd::ViewOffer {
-                    room,
-                    role,
-                    audio,
-                    reply,
-                } => {
-                    let _ = {
-                        let r = self.sfu.view_offer(now, &room, role, audio);
-                        reply.send(self.globalize(r))
-                    };
-                }
-                MediaCmd::Answer { peer, sdp, reply } => {
-                    let _ = reply.send(self.sfu.accept_answer(now, peer, &sdp));
-                }
-                MediaCmd::Candidate {
-                    peer,
-                    candidate,
-                    reply,
-                } => {
-                    let _ = reply.send(self.sfu.add_remote_candidate(now, peer, &candidate));
-                }
-                MediaCmd::Remove { peer, reply } => {
-                    let _ = reply.send(self.sfu.remove_peer(now, peer));
-                }
+        match cmd {
+            MediaCmd::Spanned { home, cmd } => self.view_mirrored(now, home, *cmd),
+            MediaCmd::Publish { room, offer, reply } => {
+                let _ = {
+                    let r = self.sfu.publish(now, &room, &offer);
+                    reply.send(self.globalize(r))
+                };
+            }
+            MediaCmd::View {
+                room,
+                offer,
+                role,
+                reply,
+            } => {
+                let _ = {
+                    let r = self.sfu.view(now, &room, &offer, role);
+                    reply.send(self.globalize(r))
+                };
+            }
+            MediaCmd::ViewOffer {
+                room,
+                role,
+                audio,
+                reply,
+            } => {
+                let _ = {
+                    let r = self.sfu.view_offer(now, &room, role, audio);
+                    reply.send(self.globalize(r))
+                };
+            }
+            MediaCmd::Answer { peer, sdp, reply } => {
+                let _ = reply.send(self.sfu.accept_answer(now, peer, &sdp));
+            }
+            MediaCmd::Candidate {
+                peer,
+                candidate,
+                reply,
+            } => {
+                let _ = reply.send(self.sfu.add_remote_candidate(now, peer, &candidate));
+            }
+            MediaCmd::Remove { peer, reply } => {
+                let _ = reply.send(self.sfu.remove_peer(now, peer));
             }
         }
     }

@@ -493,9 +493,10 @@ fn send_loop(
             let Some((payload, marker, ts)) = paced.pop_front() else {
                 break;
             };
-            if pace_bps > 0 {
-                let bits = (payload.len() as u64 + 40) * 8;
-                next_send = next_send.max(now) + Duration::from_nanos(bits * 1_000_000_000 / pace_bps);
+            // The wire time of this packet (with UDP/IP overhead) at the pacing rate.
+            let bits = (payload.len() as u64 + 40) * 8;
+            if let Some(ns) = (bits * 1_000_000_000).checked_div(pace_bps) {
+                next_send = next_send.max(now) + Duration::from_nanos(ns);
             }
             {
                 stats.packets.fetch_add(1, Ordering::Relaxed);
