@@ -8,7 +8,8 @@
 # ("per viewer" = (RSS - RSS before any viewer joined) / viewers receiving).
 #
 # Environment: N=200, SECONDS=600 (steady seconds; SOAK_SECONDS also works),
-# JOIN_RATE=50, RSS_INTERVAL=10, EDGERELAY_BIN (default: cargo build --release).
+# JOIN_RATE=50, RSS_INTERVAL=10, EDGE_ARGS (extra edge flags, e.g. "--media-threads 2
+# --span-viewers 1"), EDGERELAY_BIN (default: cargo build --release).
 # Loopback only; bounded in time.
 # SECONDS is bash's own counter (it starts at the value exported to the script), so
 # read it first thing.
@@ -32,7 +33,8 @@ listen = "127.0.0.1:0"
 publisher_tokens = ["soak-publisher-token"]
 viewer_tokens = ["soak-viewer-token"]
 TOML
-start_edge "$TMP/edge.toml" --public-ip 127.0.0.1
+# shellcheck disable=SC2086 # EDGE_ARGS is a list of flags
+start_edge "$TMP/edge.toml" --public-ip 127.0.0.1 ${EDGE_ARGS:-}
 
 timeout $((DURATION + N / JOIN_RATE + 120)) "$EDGERELAY_BIN" loadtest \
   --whep "$HTTP/whep/soak" --token soak-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \

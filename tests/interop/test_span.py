@@ -6,9 +6,12 @@ serves it. The room is listed once, with all its viewers."""
 import json
 import re
 
-from conftest import Publisher, Viewer, http_request, run
+from conftest import Publisher, Viewer, http_request, require_chromium, run, run_chromium
 from relay_helpers import scrape_metrics
 
+# Homed on thread 1 of 2 (FNV-1a of the name, as the edge hashes it): with the seats
+# dealt 0, 1, 0, 1, ... past the controller, the sixth viewer (Chromium) sits on thread 0,
+# a mirror.
 ROOM = "room-span"
 
 
@@ -17,7 +20,8 @@ def media_ports(sdp: str) -> set[int]:
     return {int(m.group(1)) for m in re.finditer(r"a=candidate:\S+ 1 udp \d+ \S+ (\d+) typ host", sdp)}
 
 
-def test_spectators_on_both_media_threads_decode_the_rooms_video(edge_factory):
+def test_spectators_on_both_media_threads_decode_the_rooms_video(edge_factory, request, tmp_path):
+    require_chromium()
     edge = edge_factory(extra_args=["--media-threads", "2", "--span-viewers", "1"])
 
     async def scenario():
@@ -55,6 +59,16 @@ def test_spectators_on_both_media_threads_decode_the_rooms_video(edge_factory):
             rooms = [r for r in json.loads(body) if r["name"] == ROOM]
             assert len(rooms) == 1, f"one entry for the spanning room: {body}"
             assert rooms[0]["viewers"] == 5 and rooms[0]["publisher"], rooms
+
+            # Chromium takes the next seat, on the mirror, and decodes there.
+            c = await run_chromium(request, tmp_path, edge.http, ROOM, seconds=10, min_frames=30)
+            res = c["result"]
+            assert res["whep"]["status"] == 201, f"chromium WHEP: {res['whep']}"
+            assert res["whep"]["role"] == "spectator", res["whep"]
+            assert res["framesDecoded"] > 30, f"chromium on the mirror decoded {res['framesDecoded']}: {res}"
+            m2 = await scrape_metrics(edge)
+            assert m2.get("edgerelay_span_viewers_seated_total", 0) == seated + 1, \
+                f"chromium was seated on a mirror: {seated} -> {m2.get('edgerelay_span_viewers_seated_total')}"
 
             # The mirror's viewers leave: it closes and unsubscribes; the home's viewers
             # keep decoding, and a newcomer is served (from the home's cache).
