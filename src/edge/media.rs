@@ -172,8 +172,9 @@ pub struct Shared {
     pub gso_segments: AtomicU64,
     /// Media threads currently sending with UDP GSO.
     pub gso_threads: AtomicU64,
-    /// From a receive batch's return to the end of the sends it caused (on a
-    /// mirror thread: from the home thread's receive), once per media loop pass.
+    /// From a receive batch's arrival (the kernel's stamp of its first datagram,
+    /// else the receive call's return) to the end of the sends it caused (on a
+    /// mirror thread: from the home thread's), once per media loop pass.
     pub fanout_delay: DelayHistogram,
     /// The same delay once per publisher packet the pass fanned out (passes that
     /// brought only RTCP or STUN do not count): the issue's "from a packet's
@@ -748,8 +749,9 @@ struct Engine {
     out: Vec<edgerelay_sfu::Transmit>,
     /// Sends the batches (sendmmsg, UDP GSO).
     sender: batch_io::Sender,
-    /// When the last receive that handed datagrams to the SFU returned; the
-    /// fan-out delay is measured from there to the end of the next flush.
+    /// When the first datagram of the last receive that handed datagrams to the
+    /// SFU arrived (kernel stamp); the fan-out delay is measured from there to
+    /// the end of the next flush.
     received_at: Option<Instant>,
     /// The other media threads (rooms spanning threads).
     bus: ShardBus,

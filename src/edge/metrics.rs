@@ -2,7 +2,7 @@
 //! are copied into the `metrics` registry when `/metrics` is scraped, so the
 //! packet path never touches the registry.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use edgerelay_sfu::SfuError;
@@ -98,22 +98,6 @@ impl Metrics {
                 "edgerelay_span_keyframe_requests_to_home_total",
                 s.keyframe_requests_to_home,
             );
-            c(
-                "edgerelay_span_viewers_seated_total",
-                shared.span_seated.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_span_feeds_total",
-                shared.span_feeds.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_span_messages_dropped_total",
-                shared.span_dropped.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_span_feed_packets_late_total",
-                shared.span_late.load(Ordering::Relaxed),
-            );
             c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
             c("edgerelay_direct_packets_total", s.direct_out);
             c("edgerelay_direct_sync_packets_total", s.direct_sync);
@@ -145,38 +129,33 @@ impl Metrics {
             d("duplicate", s.dropped_duplicate);
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
-            c(
-                "edgerelay_media_loop_iterations_total",
-                shared.loop_iterations.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_media_receive_calls_total",
-                shared.receive_calls.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_media_datagrams_received_total",
-                shared.datagrams_received.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_turn_handoff_in_total",
-                shared.relayed_in.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_turn_handoff_out_total",
-                shared.relayed_out.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_turn_media_sends_total",
-                shared.relay_sends.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_media_gso_sends_total",
-                shared.gso_sends.load(Ordering::Relaxed),
-            );
-            c(
-                "edgerelay_media_gso_segments_total",
-                shared.gso_segments.load(Ordering::Relaxed),
-            );
+            // Counters the media threads keep themselves (relaxed atomics).
+            let atomics: [(&str, &AtomicU64); 12] = [
+                ("edgerelay_span_viewers_seated_total", &shared.span_seated),
+                ("edgerelay_span_feeds_total", &shared.span_feeds),
+                (
+                    "edgerelay_span_messages_dropped_total",
+                    &shared.span_dropped,
+                ),
+                ("edgerelay_span_feed_packets_late_total", &shared.span_late),
+                (
+                    "edgerelay_media_loop_iterations_total",
+                    &shared.loop_iterations,
+                ),
+                ("edgerelay_media_receive_calls_total", &shared.receive_calls),
+                (
+                    "edgerelay_media_datagrams_received_total",
+                    &shared.datagrams_received,
+                ),
+                ("edgerelay_turn_handoff_in_total", &shared.relayed_in),
+                ("edgerelay_turn_handoff_out_total", &shared.relayed_out),
+                ("edgerelay_turn_media_sends_total", &shared.relay_sends),
+                ("edgerelay_media_gso_sends_total", &shared.gso_sends),
+                ("edgerelay_media_gso_segments_total", &shared.gso_segments),
+            ];
+            for (name, v) in atomics {
+                c(name, v.load(Ordering::Relaxed));
+            }
         }
         let rooms = shared.rooms.lock().map(|r| r.len()).unwrap_or(0);
         gauge!("edgerelay_rooms").set(rooms as f64);
@@ -188,13 +167,13 @@ impl Metrics {
         render_histogram(
             &mut text,
             "edgerelay_media_fanout_delay_seconds",
-            "From a media receive batch's return to the end of the sends it caused (per loop pass).",
+            "From a media receive batch's arrival (kernel stamp) to the end of the sends it caused (per loop pass).",
             &shared.fanout_delay,
         );
         render_histogram(
             &mut text,
             "edgerelay_media_packet_fanout_delay_seconds",
-            "From a publisher packet's receive to the end of its fan-out on a media thread (per packet).",
+            "From a publisher packet's arrival (kernel stamp) to the end of its fan-out on a media thread (per packet).",
             &shared.packet_delay,
         );
         text
