@@ -696,6 +696,18 @@ mod tests {
         let nobody: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         assert_eq!(batch.first_arrival(Instant::now(), nobody), None);
         assert!(enable_rx_timestamps(&rx));
+        // The kernel turns arrival stamping on for the whole system a moment after
+        // the first socket asks (a deferred static key); until then a datagram is
+        // stamped when read. Wait until one waiting 5 ms is dated as such.
+        let warm = (0..200).any(|_| {
+            tx.send_to(b"warm-up", to).expect("send");
+            std::thread::sleep(Duration::from_millis(5));
+            recv_batch(&rx, &mut batch).expect("recv");
+            batch
+                .first_arrival(Instant::now(), nobody)
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(4))
+        });
+        assert!(warm, "kernel arrival stamps never came on");
         // Two datagrams arrive; the thread reads them 50 ms later.
         tx.send_to(b"one", to).expect("send");
         std::thread::sleep(Duration::from_millis(20));
