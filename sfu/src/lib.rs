@@ -356,7 +356,7 @@ impl Sfu {
                     .is_some_and(|p| p.connected),
                 viewers: r.viewers.len(),
                 controller: r.controller.is_some(),
-                simulcast: r.simulcast || r.tracks[VIDEO].layers.len() > 1,
+                simulcast: r.is_simulcast(),
                 mirror: r.mirror,
             })
             .collect()
@@ -381,11 +381,7 @@ impl Sfu {
     /// is configured, unless the room's video is simulcast (choosing a layer per
     /// viewer needs str0m's bandwidth estimate, which needs str0m's send path).
     fn direct_for(&self, rk: Key) -> bool {
-        self.cfg.direct_send
-            && self
-                .rooms
-                .get(rk)
-                .is_none_or(|r| !r.simulcast && r.tracks[VIDEO].layers.len() <= 1)
+        self.cfg.direct_send && self.rooms.get(rk).is_none_or(|r| !r.is_simulcast())
     }
 
     fn rtc_config(&self, viewer: bool, direct: bool) -> RtcConfig {
@@ -497,13 +493,7 @@ impl Sfu {
             r.simulcast = simulcast;
             r.epoch = r.epoch.wrapping_add(1);
             // Every viewer restarts from the new publisher's first keyframe.
-            for v in r.viewers.clone() {
-                if let Some(p) = self.peers.get_mut(v) {
-                    for t in p.tracks.iter_mut().flatten() {
-                        t.needs_start = true;
-                    }
-                }
-            }
+            restart_viewers(&mut self.peers, &r.viewers);
         }
         info!(room, peer = key.as_u64(), "publisher joined");
         self.mark_dirty(key);
@@ -1698,10 +1688,34 @@ impl Sfu {
             room: room.clone(),
             role: p.role,
         });
-        if r.is_empty() {
-            self.rooms.remove(p.room);
-            self.room_by_name.remove(&room);
-            self.events.push_back(SfuEvent::RoomClosed { room });
+        self.close_if_empty(&room);
+    }
+
+    /// Closes `room` if nothing keeps it alive ([`room::Room::is_empty`]): after its
+    /// last peer left, or a mirror opened for a viewer whose offer was refused.
+    pub fn close_if_empty(&mut self, room: &str) {
+        let Some(&rk) = self.room_by_name.get(room) else {
+            return;
+        };
+        if self.rooms.get(rk).is_some_and(|r| r.is_empty()) {
+            self.rooms.remove(rk);
+            self.room_by_name.remove(room);
+            self.feeds.retain(|(k, _)| *k != rk);
+            self.events.push_back(SfuEvent::RoomClosed {
+                room: room.to_string(),
+            });
+        }
+    }
+}
+
+/// A new stream in a room (a new publisher, or a mirror's home saying so): each
+/// viewer's tracks wait for its first keyframe.
+fn restart_viewers(peers: &mut Slab<Peer>, viewers: &[Key]) {
+    for &v in viewers {
+        if let Some(p) = peers.get_mut(v) {
+            for t in p.tracks.iter_mut().flatten() {
+                t.needs_start = true;
+            }
         }
     }
 }

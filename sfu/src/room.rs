@@ -166,6 +166,12 @@ impl Room {
         self.publisher.is_none() && self.viewers.is_empty() && !self.exported
     }
 
+    /// The video comes in several layers (announced, or seen): its viewers'
+    /// layer follows their bandwidth estimate.
+    pub fn is_simulcast(&self) -> bool {
+        self.simulcast || self.tracks[VIDEO].layers.len() > 1
+    }
+
     /// Bitrate of a video layer, bits per second.
     pub fn video_layer_bps(&self, layer: usize) -> u64 {
         self.tracks[VIDEO]

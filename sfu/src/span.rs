@@ -20,7 +20,7 @@ use str0m::media::Rid;
 use crate::gop::{CachedPacket, Pushed};
 use crate::room::VIDEO;
 use crate::slab::Key;
-use crate::{is_keyframe, PendingRtp, Sfu, SfuEvent};
+use crate::{is_keyframe, restart_viewers, PendingRtp, Sfu};
 
 /// A home room's publisher packets for its mirrors on other cores: what the
 /// home core received since the driver last asked. Shared read-only by every
@@ -125,22 +125,6 @@ impl Sfu {
                 true
             }
             _ => false,
-        }
-    }
-
-    /// Closes `room` if nothing is in it (a mirror opened for a viewer whose
-    /// offer was then refused).
-    pub fn close_if_empty(&mut self, room: &str) {
-        let Some(&rk) = self.room_by_name.get(room) else {
-            return;
-        };
-        if self.rooms.get(rk).is_some_and(|r| r.is_empty()) {
-            self.rooms.remove(rk);
-            self.room_by_name.remove(room);
-            self.feeds.retain(|(k, _)| *k != rk);
-            self.events.push_back(SfuEvent::RoomClosed {
-                room: room.to_string(),
-            });
         }
     }
 
@@ -249,13 +233,7 @@ impl Sfu {
                 // cached is another stream, and every viewer restarts at a keyframe.
                 r.publisher_gone();
                 r.epoch = fp.epoch;
-                for &v in &r.viewers {
-                    if let Some(p) = self.peers.get_mut(v) {
-                        for t in p.tracks.iter_mut().flatten() {
-                            t.needs_start = true;
-                        }
-                    }
-                }
+                restart_viewers(&mut self.peers, &r.viewers);
             }
             r.simulcast = fp.simulcast;
             if r.pt_specs.len() < 16 && !r.pt_specs.iter().any(|(pt, _)| *pt == fp.cp.pt) {

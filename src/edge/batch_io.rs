@@ -360,14 +360,23 @@ mod imp {
     /// Asks the kernel to stamp each received datagram with its arrival time
     /// (`SO_TIMESTAMPNS`); [`RecvBatch::first_arrival`] reads it. False if refused.
     pub fn enable_rx_timestamps(sock: &UdpSocket) -> bool {
-        let one: libc::c_int = 1;
+        set_int_option(sock, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+    }
+
+    /// Sets an integer socket option; false if the kernel refuses it.
+    fn set_int_option(
+        sock: &UdpSocket,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: libc::c_int,
+    ) -> bool {
         // SAFETY: a valid socket and a c_int option value of the right size.
         let r = unsafe {
             libc::setsockopt(
                 sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                &one as *const libc::c_int as *const libc::c_void,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
@@ -455,18 +464,7 @@ mod imp {
     /// True if the kernel accepts `UDP_SEGMENT` on this socket (setting the
     /// socket-wide segment size to 0 leaves GSO off for plain sends).
     pub fn gso_supported(sock: &UdpSocket) -> bool {
-        let zero: libc::c_int = 0;
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_SEGMENT,
-                &zero as *const libc::c_int as *const libc::c_void,
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        r == 0
+        set_int_option(sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0)
     }
 
     /// Room for one `UDP_SEGMENT` control message (CMSG_SPACE(2) is 24 on 64-bit).

@@ -57,67 +57,73 @@ impl Metrics {
     pub fn render(&self, shared: &Shared) -> String {
         if let Ok(s) = shared.stats.lock() {
             let c = |name: &'static str, v: u64| counter!(name).absolute(v);
-            c("edgerelay_datagrams_in_total", s.datagrams_in);
-            c("edgerelay_bytes_in_total", s.bytes_in);
-            c("edgerelay_datagrams_out_total", s.datagrams_out);
-            c("edgerelay_bytes_out_total", s.bytes_out);
-            c("edgerelay_rtp_packets_in_total", s.rtp_in);
-            c("edgerelay_rtp_packets_out_total", s.rtp_out);
-            c("edgerelay_keyframes_in_total", s.keyframes_in);
-            c(
-                "edgerelay_keyframe_requests_from_viewers_total",
-                s.keyframe_requests_from_viewers,
-            );
-            c(
-                "edgerelay_keyframe_requests_upstream_total",
-                s.keyframe_requests_upstream,
-            );
-            c(
-                "edgerelay_keyframe_requests_merged_total",
-                s.keyframe_requests_merged,
-            );
-            c(
-                "edgerelay_keyframe_requests_answered_by_cache_total",
-                s.keyframe_requests_answered_by_cache,
-            );
-            c(
-                "edgerelay_viewer_starts_from_cache_total",
-                s.viewer_starts_from_cache,
-            );
-            c("edgerelay_packets_replayed_total", s.packets_replayed);
-            c("edgerelay_replay_slices_total", s.replay_slices);
-            c("edgerelay_fanout_slices_total", s.fanout_slices);
-            c("edgerelay_address_takeovers_total", s.address_takeovers);
-            c("edgerelay_span_feed_packets_out_total", s.feed_packets_out);
-            c("edgerelay_span_feed_packets_in_total", s.feed_packets_in);
-            c(
-                "edgerelay_span_feed_packets_dropped_total",
-                s.feed_packets_dropped,
-            );
-            c(
-                "edgerelay_span_keyframe_requests_to_home_total",
-                s.keyframe_requests_to_home,
-            );
-            c("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks);
-            c("edgerelay_direct_packets_total", s.direct_out);
-            c("edgerelay_direct_sync_packets_total", s.direct_sync);
-            c("edgerelay_direct_fallbacks_total", s.direct_fallbacks);
-            c(
-                "edgerelay_direct_unavailable_viewers_total",
-                s.direct_unavailable,
-            );
-            c("edgerelay_nacked_packets_total", s.nacked);
-            c("edgerelay_direct_resends_total", s.direct_resends);
-            c("edgerelay_nack_unanswered_total", s.nack_unanswered);
-            c("edgerelay_resends_capped_total", s.resends_capped);
-            c("edgerelay_input_forwarded_total", s.input_forwarded);
-            c(
-                "edgerelay_input_dropped_spectator_total",
-                s.input_dropped_spectator,
-            );
-            c("edgerelay_data_to_viewers_total", s.data_to_viewers);
-            c("edgerelay_video_pauses_total", s.video_pauses);
-            c("edgerelay_video_resumes_total", s.video_resumes);
+            // The SFU cores' counters (added over the media threads).
+            let core: [(&'static str, u64); 34] = [
+                ("edgerelay_datagrams_in_total", s.datagrams_in),
+                ("edgerelay_bytes_in_total", s.bytes_in),
+                ("edgerelay_datagrams_out_total", s.datagrams_out),
+                ("edgerelay_bytes_out_total", s.bytes_out),
+                ("edgerelay_rtp_packets_in_total", s.rtp_in),
+                ("edgerelay_rtp_packets_out_total", s.rtp_out),
+                ("edgerelay_keyframes_in_total", s.keyframes_in),
+                (
+                    "edgerelay_keyframe_requests_from_viewers_total",
+                    s.keyframe_requests_from_viewers,
+                ),
+                (
+                    "edgerelay_keyframe_requests_upstream_total",
+                    s.keyframe_requests_upstream,
+                ),
+                (
+                    "edgerelay_keyframe_requests_merged_total",
+                    s.keyframe_requests_merged,
+                ),
+                (
+                    "edgerelay_keyframe_requests_answered_by_cache_total",
+                    s.keyframe_requests_answered_by_cache,
+                ),
+                (
+                    "edgerelay_viewer_starts_from_cache_total",
+                    s.viewer_starts_from_cache,
+                ),
+                ("edgerelay_packets_replayed_total", s.packets_replayed),
+                ("edgerelay_replay_slices_total", s.replay_slices),
+                ("edgerelay_fanout_slices_total", s.fanout_slices),
+                ("edgerelay_address_takeovers_total", s.address_takeovers),
+                ("edgerelay_span_feed_packets_out_total", s.feed_packets_out),
+                ("edgerelay_span_feed_packets_in_total", s.feed_packets_in),
+                (
+                    "edgerelay_span_feed_packets_dropped_total",
+                    s.feed_packets_dropped,
+                ),
+                (
+                    "edgerelay_span_keyframe_requests_to_home_total",
+                    s.keyframe_requests_to_home,
+                ),
+                ("edgerelay_pacer_immediate_ticks_total", s.immediate_reticks),
+                ("edgerelay_direct_packets_total", s.direct_out),
+                ("edgerelay_direct_sync_packets_total", s.direct_sync),
+                ("edgerelay_direct_fallbacks_total", s.direct_fallbacks),
+                (
+                    "edgerelay_direct_unavailable_viewers_total",
+                    s.direct_unavailable,
+                ),
+                ("edgerelay_nacked_packets_total", s.nacked),
+                ("edgerelay_direct_resends_total", s.direct_resends),
+                ("edgerelay_nack_unanswered_total", s.nack_unanswered),
+                ("edgerelay_resends_capped_total", s.resends_capped),
+                ("edgerelay_input_forwarded_total", s.input_forwarded),
+                (
+                    "edgerelay_input_dropped_spectator_total",
+                    s.input_dropped_spectator,
+                ),
+                ("edgerelay_data_to_viewers_total", s.data_to_viewers),
+                ("edgerelay_video_pauses_total", s.video_pauses),
+                ("edgerelay_video_resumes_total", s.video_resumes),
+            ];
+            for (name, v) in core {
+                c(name, v);
+            }
             let d = |reason: &'static str, v: u64| {
                 counter!("edgerelay_dropped_packets_total", "reason" => reason).absolute(v)
             };
