@@ -334,29 +334,6 @@ mod imp {
         }
     }
 
-    /// Waits until the socket is readable or `timeout` passes; true if readable.
-    pub fn wait_readable(sock: &UdpSocket, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: one valid pollfd, a valid timespec, no signal mask.
-        let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(e);
-        }
-        Ok(r > 0)
-    }
-
     /// Asks the kernel to stamp each received datagram with its arrival time
     /// (`SO_TIMESTAMPNS`); [`RecvBatch::first_arrival`] reads it. False if refused.
     pub fn enable_rx_timestamps(sock: &UdpSocket) -> bool {
@@ -618,12 +595,6 @@ mod imp {
 mod imp {
     use super::*;
 
-    /// Waits until readable (portable fallback: a read timeout on the next recv).
-    pub fn wait_readable(sock: &UdpSocket, timeout: Duration) -> io::Result<bool> {
-        sock.set_read_timeout(Some(timeout.max(Duration::from_micros(100))))?;
-        Ok(true)
-    }
-
     /// Receives one datagram.
     pub fn recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
         b.count = 0;
@@ -674,7 +645,8 @@ mod imp {
     }
 }
 
-pub use imp::{enable_rx_timestamps, recv_batch, wait_readable};
+pub use crate::publisher::net::wait_readable;
+pub use imp::{enable_rx_timestamps, recv_batch};
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@
 
 mod gro;
 mod h264;
+mod pacer;
 mod procstat;
 mod signal;
 mod source;
@@ -101,6 +102,11 @@ pub struct LoadtestArgs {
     /// pacer does (about 2.5x the bitrate); 0 = each frame's packets back to back.
     #[arg(long, default_value_t = 0)]
     pub source_pace_kbps: u32,
+    /// How far (ms) the paced source may run ahead of its rate, as libwebrtc's pacer
+    /// may (its burst interval, 40 ms since 2023: a delta frame then leaves whole);
+    /// 0 = every packet at its own paced time (the pacer of older libwebrtc).
+    #[arg(long, default_value_t = 40)]
+    pub source_pace_burst_ms: u32,
     /// Relayed viewers: every viewer reaches the edge only through the edge's built-in
     /// TURN server (credentials from /api/ice-servers or the WHEP Link headers).
     #[arg(long, value_enum, conflicts_with = "janus")]
@@ -400,6 +406,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
             loop_frames: args.source_fps.saturating_mul(4),
             cache: args.source_cache.clone(),
             pace_kbps: args.source_pace_kbps,
+            pace_burst: Duration::from_millis(u64::from(args.source_pace_burst_ms)),
         };
         let s = source::start(cfg).await?;
         let deadline = Instant::now() + Duration::from_secs(20);

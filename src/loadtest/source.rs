@@ -26,6 +26,7 @@ use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc, RtcConfig};
 
 use super::h264;
+use super::pacer::Pacer;
 use crate::publisher::encoder::{EncoderSettings, VideoEncoder};
 use crate::publisher::net::RtcSocket;
 use crate::publisher::pattern::{PatternGenerator, Yuv};
@@ -67,6 +68,8 @@ pub struct SourceConfig {
     /// pacer does (about 2.5x the bitrate); 0 = back to back, as they are
     /// packetized (the harder case for the edge: a frame arrives as one burst).
     pub pace_kbps: u32,
+    /// How far the pacer may run ahead of `pace_kbps` (libwebrtc's burst interval).
+    pub pace_burst: Duration,
 }
 
 /// One encoded frame of the loop.
@@ -371,10 +374,11 @@ pub async fn start(cfg: SourceConfig) -> anyhow::Result<Source> {
     let (st, s2) = (stop.clone(), stats.clone());
     let fps = cfg.fps;
     let pace_bps = u64::from(cfg.pace_kbps) * 1000;
+    let pace_burst = cfg.pace_burst;
     let thread = std::thread::Builder::new()
         .name("loadtest-source".into())
         .spawn(move || {
-            let r = send_loop(frames, fps, pace_bps, whip, plain, &st, &s2);
+            let r = send_loop(frames, fps, (pace_bps, pace_burst), whip, plain, &st, &s2);
             if let Err(e) = &r {
                 tracing::warn!("source ended: {e:#}");
             }
@@ -400,7 +404,7 @@ fn h264_pt(rtc: &mut Rtc, mid: Mid) -> Option<Pt> {
 fn send_loop(
     frames: Vec<LoopFrame>,
     fps: u32,
-    pace_bps: u64,
+    (pace_bps, pace_burst): (u64, Duration),
     mut whip: Option<WhipSink>,
     plain: Option<UdpSocket>,
     stop: &AtomicBool,
@@ -418,7 +422,7 @@ fn send_loop(
     let mut rtp_buf = Vec::with_capacity(MTU + 12);
     // Packets written by the encoder side, waiting for the pacer: (payload, marker, ts).
     let mut paced: VecDeque<(Vec<u8>, bool, u32)> = VecDeque::new();
-    let mut next_send = start;
+    let mut pacer = Pacer::new(pace_bps, pace_burst, start);
     while !stop.load(Ordering::Relaxed) {
         let mut deadline = Instant::now() + Duration::from_millis(50);
         if let Some(w) = whip.as_mut() {
@@ -476,6 +480,9 @@ fn send_loop(
             let nals = h264::split_annexb(&f.data);
             let sei = h264::stamp_sei(unix_micros());
             let nals = h264::with_sei(&nals, &sei);
+            if paced.is_empty() {
+                pacer.restart(Instant::now());
+            }
             paced.extend(
                 h264::packetize(&nals, MTU)
                     .into_iter()
@@ -486,18 +493,16 @@ fn send_loop(
         // Send what the pacer allows now (everything, without pacing).
         while ready && paced.front().is_some() {
             let now = Instant::now();
-            if pace_bps > 0 && now < next_send {
-                deadline = deadline.min(next_send);
+            if !pacer.may_send(now) {
+                if let Some(t) = pacer.next_send() {
+                    deadline = deadline.min(t);
+                }
                 break;
             }
             let Some((payload, marker, ts)) = paced.pop_front() else {
                 break;
             };
-            // The wire time of this packet (with UDP/IP overhead) at the pacing rate.
-            let bits = (payload.len() as u64 + 40) * 8;
-            if let Some(ns) = (bits * 1_000_000_000).checked_div(pace_bps) {
-                next_send = next_send.max(now) + Duration::from_nanos(ns);
-            }
+            pacer.sent(payload.len());
             {
                 stats.packets.fetch_add(1, Ordering::Relaxed);
                 stats
