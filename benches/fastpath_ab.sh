@@ -19,7 +19,7 @@
 #   batched       str0m                             recvmmsg/sendmmsg + UDP GSO, bandwidth estimation
 #   batched_nobwe str0m, [sfu] bwe = false          no per-viewer bandwidth estimation
 #   direct_nogso  [media] gso = false               direct send path (SFU-sealed SRTP), no GSO
-#   direct        defaults                          direct send path + GSO (the shipped default)
+#   direct        defaults                          direct send path + GSO + frame gathering (the shipped default)
 #   direct_rxgro  defaults, `loadtest --receiver-gro` as `direct`, but the loopback viewers
 #                 take UDP GRO: a GSO batch is delivered into a viewer socket whole instead of
 #                 datagram by datagram inside the edge's sendmmsg (what a NIC with segmentation
@@ -32,6 +32,22 @@
 #                 other machines; the edge still pays every syscall, copy, GSO skb and
 #                 loopback transmit of its own. Needs root, `ip` and `taskset`, and 2+ CPUs
 #                 (skipped otherwise). The edge's few received packets are steered too.
+#   direct_nic    defaults, on a model of a network card: the edge in a network namespace of
+#                 its own, the generator in another, joined by a veth pair with 4 queues
+#                 whose receive side runs in NAPI kernel threads (threaded NAPI, GRO on, so
+#                 a GSO message crosses whole as on a NIC with segmentation offload). The
+#                 edge and its own NAPI threads are pinned to CPU 0 and the CPU time of
+#                 those threads counts as the edge's (`loadtest --server-kernel-tid`); the
+#                 generator and its NAPI threads run on the other CPUs. The edge pays its
+#                 whole send path down to the device's queue, as on a NIC, and its own
+#                 receive path; the viewers' receive path is theirs. Needs root, `ip`,
+#                 `ethtool`, `taskset` and 2+ CPUs (skipped otherwise). Any variant name
+#                 with the suffix `_nic` runs on this model (`span2_nic`: pin the edge to
+#                 more CPUs with NIC_EDGE_CPUS, e.g. 0-1).
+#   direct_nogather  [media] gather_us = 0: the media thread fans out whatever each receive
+#                 brought instead of waiting (300 µs by default) for the rest of a
+#                 publisher's frame (direct_nogather_rxgro, direct_nogather_nic: the
+#                 same on those models)
 #   one_thread2   [media] threads = 2, span_viewers = 0: two media threads, the room on one
 #                 (the baseline for span2)
 #   span2         [media] threads = 2, span_viewers = 1: the room spans both threads (its
@@ -39,6 +55,7 @@
 #   one_thread2_rxgro, span2_rxgro   the same with `loadtest --receiver-gro`
 #
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
+# NIC_EDGE_CPUS=0 and NIC_QUEUES=4 (the *_nic variants),
 # VARIANTS="baseline batched ..." (default: all, in that order),
 # EDGERELAY_BIN (default: cargo build --release), KEEP=dir (keep each variant's /metrics
 # scrapes there), LOADTEST_ARGS (extra `edgerelay loadtest` flags for every variant, e.g.
@@ -66,7 +83,70 @@ cleanup() {
   if [ -e "/run/netns/$NETNS_NAME" ]; then ip netns del "$NETNS_NAME" 2>/dev/null || true; fi
   rm -rf "$TMP"
 }
-trap cleanup EXIT
+
+# The NIC model of the *_nic variants: two namespaces joined by a veth pair (names with
+# this script's pid, so that its NAPI threads can be told apart), removed after each
+# variant and on exit.
+NIC_E=edgerelay-nic-e-$$
+NIC_G=edgerelay-nic-g-$$
+NIC_DEV_E=ne$$
+NIC_DEV_G=ng$$
+NIC_EDGE_IP=10.219.0.1
+NIC_GEN_IP=10.219.0.2
+NIC_EDGE_CPUS=${NIC_EDGE_CPUS:-0}
+NIC_TIDS=()
+nic_cleanup() {
+  for n in "$NIC_E" "$NIC_G"; do
+    if [ -e "/run/netns/$n" ]; then ip netns del "$n" 2>/dev/null || true; fi
+  done
+}
+trap 'nic_cleanup; cleanup' EXIT
+
+# NAPI kernel threads of device $1 (their names start napi/<dev>-).
+napi_threads() {
+  ps -eo pid=,comm= | awk -v p="napi/$1-" 'index($2, p) == 1 { print $1 }'
+}
+
+# Makes the NIC model; sets NIC_TIDS to the edge's NAPI threads.
+make_nic_netns() {
+  local q=${NIC_QUEUES:-4} rest_cpus t
+  if [ "$(id -u)" != 0 ] || [ "$(nproc)" -lt 2 ] || ! command -v ip >/dev/null ||
+    ! command -v ethtool >/dev/null || ! command -v taskset >/dev/null; then
+    return 1
+  fi
+  rest_cpus=$(nic_rest_cpus)
+  ip netns add "$NIC_E" && ip netns add "$NIC_G" &&
+    ip link add "$NIC_DEV_E" netns "$NIC_E" numtxqueues "$q" numrxqueues "$q" type veth \
+      peer name "$NIC_DEV_G" netns "$NIC_G" numtxqueues "$q" numrxqueues "$q" &&
+    ip -n "$NIC_E" addr add "$NIC_EDGE_IP/30" dev "$NIC_DEV_E" &&
+    ip -n "$NIC_G" addr add "$NIC_GEN_IP/30" dev "$NIC_DEV_G" || return 1
+  for side in "$NIC_E $NIC_DEV_E" "$NIC_G $NIC_DEV_G"; do
+    set -- $side
+    ip -n "$1" link set lo up && ip -n "$1" link set "$2" up &&
+      # GRO on makes veth deliver through NAPI (tso off: a UDP GSO message qualifies).
+      ip netns exec "$1" ethtool -K "$2" gro on tso off >/dev/null &&
+      ip netns exec "$1" sh -c "echo 1 > /sys/class/net/$2/threaded" || return 1
+  done
+  NIC_TIDS=()
+  for t in $(napi_threads "$NIC_DEV_E"); do
+    taskset -pc "$NIC_EDGE_CPUS" "$t" >/dev/null && NIC_TIDS+=("$t")
+  done
+  for t in $(napi_threads "$NIC_DEV_G"); do taskset -pc "$rest_cpus" "$t" >/dev/null; done
+  [ "${#NIC_TIDS[@]}" -gt 0 ]
+}
+
+# The CPUs not given to the edge: the generator's.
+nic_rest_cpus() {
+  python3 - "$NIC_EDGE_CPUS" "$(nproc)" <<'PY'
+import sys
+edge = set()
+for part in sys.argv[1].split(","):
+    a, _, b = part.partition("-")
+    edge.update(range(int(a), int(b or a) + 1))
+rest = [c for c in range(int(sys.argv[2])) if c not in edge]
+print(",".join(map(str, rest or [0])))
+PY
+}
 
 # Makes NETNS: loopback up, its received packets steered to every CPU but CPU 0.
 make_rps_netns() {
@@ -84,7 +164,7 @@ make_rps_netns() {
 }
 
 run_variant() {
-  local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() pin=() rest=()
+  local name=$1 fragment=$2 dir="$TMP/$1" client=() ns=() gns=() pin=() rest=() ip=127.0.0.1
   case $name in *_rxgro) client=(--receiver-gro) ;; esac
   # shellcheck disable=SC2206 # LOADTEST_ARGS is a list of flags
   client+=(${LOADTEST_ARGS:-})
@@ -94,15 +174,30 @@ run_variant() {
       return 0
     fi
     ns=(ip netns exec "$NETNS")
+    gns=("${ns[@]}")
     pin=(taskset -c 0)
     rest=(taskset -c "1-$(($(nproc) - 1))")
   fi
+  case $name in *_nic)
+    if ! make_nic_netns; then
+      nic_cleanup
+      echo "RESULT variant=$name n=$N skipped=needs root, ip, ethtool, taskset and 2+ CPUs"
+      return 0
+    fi
+    ns=(ip netns exec "$NIC_E")
+    gns=(ip netns exec "$NIC_G")
+    pin=(taskset -c "$NIC_EDGE_CPUS")
+    rest=(taskset -c "$(nic_rest_cpus)")
+    ip=$NIC_EDGE_IP
+    for t in "${NIC_TIDS[@]}"; do client+=(--server-kernel-tid "$t"); done
+    ;;
+  esac
   mkdir -p "$dir"
   cat > "$dir/edge.toml" <<TOML
 [node]
 id = "ab-$name"
 [http]
-listen = "127.0.0.1:0"
+listen = "$ip:0"
 [auth]
 publisher_tokens = ["ab-publisher-token"]
 viewer_tokens = ["ab-viewer-token"]
@@ -112,20 +207,20 @@ $fragment
 TOML
   # `ip netns exec` and `taskset` exec the edge: $! is the edge's pid.
   "${ns[@]}" "${pin[@]}" "$EDGERELAY_BIN" edge --config "$dir/edge.toml" \
-    --media-listen 127.0.0.1:0 >"$dir/out" 2>"$dir/err" &
+    --media-listen "$ip:0" >"$dir/out" 2>"$dir/err" &
   local pid=$!
   for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
   local http
   http=$(grep -o 'http=[^ ]*' "$dir/out" | cut -d= -f2)
-  ( sleep $((N / JOIN_RATE + 6)); "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
+  ( sleep $((N / JOIN_RATE + 6)); "${gns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics.start" 2>/dev/null ) &
   local scrape=$!
-  timeout $((STEADY + N / JOIN_RATE + 90)) "${ns[@]}" "${rest[@]}" "$EDGERELAY_BIN" loadtest \
+  timeout $((STEADY + N / JOIN_RATE + 90)) "${gns[@]}" "${rest[@]}" "$EDGERELAY_BIN" loadtest \
     --whep "$http/whep/bench" --token ab-viewer-token --viewers "$N" --join-rate "$JOIN_RATE" \
     --seconds "$STEADY" --server-pid "$pid" "${client[@]}" \
     --source-whip "$http/whip/bench" --source-token ab-publisher-token \
     --source-cache "$TMP/source.cache" --json >"$dir/result.json" 2>"$dir/loadtest.err" || true
   wait "$scrape" 2>/dev/null || true
-  "${ns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
+  "${gns[@]}" curl -s --max-time 5 "$http/metrics" >"$dir/metrics" 2>/dev/null || true
   if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP" && cp "$dir/metrics" "$KEEP/$name.metrics" &&
       cp "$dir/metrics.start" "$KEEP/$name.metrics.start" 2>/dev/null || true
@@ -136,6 +231,7 @@ TOML
     ip netns del "$NETNS" 2>/dev/null || true
     NETNS=
   fi
+  nic_cleanup
   python3 - "$dir/result.json" "$name" "$N" "$dir/metrics" "$dir/metrics.start" <<'PY'
 import json, re, sys
 try:
@@ -185,7 +281,8 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_r
       f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
       f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)} "
       f"pkt_fanout_p50_le_ms={quantile(0.5, pkt_buckets)} pkt_fanout_p99_le_ms={quantile(0.99, pkt_buckets)} "
-      f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f}")
+      f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f}"
+      + (f" kernel_threads_cpu_s={r['server_kernel_threads_cpu_seconds']}" if r.get('server_kernel_threads_cpu_seconds') is not None else ""))
 PY
 }
 
@@ -198,9 +295,10 @@ fragment() {
     batched) echo "$STR0M" ;;
     batched_nobwe) echo "$STR0M"$'\nbwe = false' ;;
     direct_nogso) echo $'[media]\ngso = false' ;;
-    direct | direct_rxgro | direct_rps) echo '' ;;
-    one_thread2 | one_thread2_rxgro) echo $'[media]\nthreads = 2\nspan_viewers = 0' ;;
-    span2 | span2_rxgro) echo $'[media]\nthreads = 2\nspan_viewers = 1' ;;
+    direct | direct_rxgro | direct_rps | direct_nic) echo '' ;;
+    direct_nogather | direct_nogather_rxgro | direct_nogather_nic) echo $'[media]\ngather_us = 0' ;;
+    one_thread2 | one_thread2_rxgro | one_thread2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 0' ;;
+    span2 | span2_rxgro | span2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 1' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }

@@ -95,6 +95,11 @@ pub struct MediaConfig {
     /// then fans out its own share (0 = a room never leaves its thread). Only with
     /// `threads` > 1; not for simulcast rooms.
     pub span_viewers: usize,
+    /// Microseconds a media thread waits for the rest of a publisher's frame
+    /// once part of it has arrived, before fanning out: the whole frame then goes
+    /// to each viewer in one GSO run. Adds at most this to the first packets'
+    /// delay. 0 = fan out whatever each receive brought.
+    pub gather_us: u64,
 }
 
 impl Default for MediaConfig {
@@ -106,6 +111,7 @@ impl Default for MediaConfig {
             gso: true,
             threads: 1,
             span_viewers: 256,
+            gather_us: 300,
         }
     }
 }

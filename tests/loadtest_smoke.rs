@@ -297,3 +297,111 @@ fn json_report(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no JSON line in: {stdout}"));
     serde_json::from_str(line).expect("one JSON object")
 }
+
+/// `media.gather_us`: a frame whose packets arrive spread out (a paced source, one
+/// packet every ~3 ms) leaves to each viewer in one GSO run when the media thread
+/// waits for the rest of the frame, and datagram by datagram when it does not.
+#[test]
+fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
+    let dir = std::env::temp_dir().join(format!("loadtest_gather_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cache = dir.join("source.loop");
+    // (gather_us, share of datagrams in GSO runs, gather receives)
+    let mut seen = Vec::new();
+    for gather_us in [0u64, 40_000] {
+        let cfg = dir.join(format!("edge-{gather_us}.toml"));
+        std::fs::write(&cfg, format!("[media]\ngather_us = {gather_us}\n")).expect("config");
+        let edge = EdgeProcess::start(
+            &[
+                "--config",
+                cfg.to_str().expect("utf-8 path"),
+                "--public-ip",
+                "127.0.0.1",
+                "--publisher-token",
+                "smoke-pub",
+                "--viewer-token",
+                "smoke-view",
+            ],
+            false,
+        );
+        let http = edge.http();
+        // ~6 packets a frame, paced at 3 Mbit/s with no burst allowance: a frame's
+        // packets arrive over ~16 ms, well inside a 40 ms gather.
+        let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+            .args([
+                "loadtest",
+                "--whep",
+                &format!("{http}/whep/gather"),
+                "--token",
+                "smoke-view",
+                "--viewers",
+                "3",
+                "--seconds",
+                "3",
+                "--settle-seconds",
+                "1",
+                "--source-whip",
+                &format!("{http}/whip/gather"),
+                "--source-token",
+                "smoke-pub",
+                "--source-width",
+                "320",
+                "--source-height",
+                "180",
+                "--source-bitrate-kbps",
+                "1500",
+                "--source-pace-kbps",
+                "3000",
+                "--source-pace-burst-ms",
+                "0",
+                "--source-cache",
+                cache.to_str().expect("utf-8 path"),
+                "--json",
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("loadtest runs");
+        let metrics = http_get(&format!("{http}/metrics"));
+        drop(edge);
+        let r = json_report(&out);
+        assert_eq!(
+            r["viewers_receiving_steady"], 3,
+            "gather_us={gather_us}: {r}"
+        );
+        assert!(r["loss_pct"].as_f64().is_some_and(|l| l < 1.0), "{r}");
+        let counter = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        if counter("edgerelay_media_gso_threads ") < 1.0 {
+            eprintln!("skipped: this kernel refuses UDP GSO on loopback");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        let out_dgrams = counter("edgerelay_datagrams_out_total");
+        assert!(out_dgrams > 0.0, "{metrics}");
+        seen.push((
+            gather_us,
+            counter("edgerelay_media_gso_segments_total") / out_dgrams,
+            counter("edgerelay_media_gather_reads_total"),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("(gather_us, share of datagrams in GSO runs, gather receives): {seen:?}");
+    let (plain, gathered) = (seen[0], seen[1]);
+    assert_eq!(plain.2, 0.0, "no gathering when it is off: {seen:?}");
+    assert!(gathered.2 > 0.0, "{seen:?}");
+    // Here ~0.2 -> ~0.8 (a late source sends a few packets together, so the plain
+    // share is not zero).
+    assert!(
+        gathered.1 > 0.6,
+        "a gathered frame leaves in GSO runs: {seen:?}"
+    );
+    assert!(
+        gathered.1 > plain.1 + 0.3,
+        "gathering changes little: {seen:?}"
+    );
+}

@@ -837,6 +837,19 @@ impl Sfu {
         // The peers are ticked as the driver takes their datagrams (poll_transmit).
     }
 
+    /// Whether the publisher packets waiting for fan-out end inside a video frame
+    /// (the last video packet lacks the RTP marker bit). A frame arrives as a
+    /// burst that the kernel may hand over in pieces; a driver that takes the rest
+    /// in before polling transmits sends each viewer the frame in fewer, longer GSO
+    /// runs.
+    pub fn frame_open(&self) -> bool {
+        self.pending
+            .iter()
+            .rev()
+            .find(|p| p.track == VIDEO)
+            .is_some_and(|p| !p.cp.marker)
+    }
+
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         // One dirty peer at a time: a keyframe fanned out to every viewer would

@@ -160,6 +160,10 @@ pub struct Shared {
     pub datagrams_received: AtomicU64,
     /// `recvmmsg` calls that returned data.
     pub receive_calls: AtomicU64,
+    /// Receive calls made while waiting for the rest of a frame.
+    pub gather_reads: AtomicU64,
+    /// Waits for the rest of a frame that ended at the time limit.
+    pub gather_expired: AtomicU64,
     /// Datagrams received from TURN clients through the in-process hand-off.
     pub relayed_in: AtomicU64,
     /// Datagrams sent to TURN clients through the in-process hand-off.
@@ -256,6 +260,9 @@ pub struct MediaIo {
     /// UDP GSO for runs of datagrams to one destination, when the kernel has it
     /// (only with `batch`).
     pub gso: bool,
+    /// How long to wait for the rest of a publisher's frame before fanning out
+    /// what arrived of it (only with `batch`; zero = never wait).
+    pub gather: Duration,
 }
 
 impl From<&crate::config::MediaConfig> for MediaIo {
@@ -263,6 +270,11 @@ impl From<&crate::config::MediaConfig> for MediaIo {
         MediaIo {
             batch: c.batch_io,
             gso: c.batch_io && c.gso,
+            gather: if c.batch_io {
+                Duration::from_micros(c.gather_us)
+            } else {
+                Duration::ZERO
+            },
         }
     }
 }
@@ -687,6 +699,7 @@ pub fn spawn(
                     last_publish: Instant::now(),
                     last_prune: Instant::now(),
                     batch_io: io.batch,
+                    gather: io.gather,
                     out: Vec::with_capacity(OUT_QUEUE),
                     sender,
                     received_at: None,
@@ -745,6 +758,8 @@ struct Engine {
     last_prune: Instant,
     /// Use recvmmsg/sendmmsg (the default) instead of one call per datagram.
     batch_io: bool,
+    /// How long to wait for the rest of an open frame ([`Engine::gather_frame`]).
+    gather: Duration,
     /// Transmits waiting for the next `sendmmsg`.
     out: Vec<edgerelay_sfu::Transmit>,
     /// Sends the batches (sendmmsg, UDP GSO).
@@ -784,6 +799,9 @@ impl Shared {
 /// them late (the home thread's own socket drops when it falls behind: this is
 /// the mirrors' equivalent, bounding their delay and letting them catch up).
 const MAX_FEED_LAG: Duration = Duration::from_millis(300);
+
+/// Receive calls one wait for the rest of a frame may make ([`Engine::gather_frame`]).
+const MAX_GATHER_READS: usize = 8;
 
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.
@@ -830,6 +848,7 @@ impl Engine {
             let wait = (next - now).max(TIMER_SLACK);
             if self.batch_io {
                 self.receive_batch(wait, &mut batch);
+                self.gather_frame(&mut batch);
             } else {
                 self.receive_one(wait, &mut buf);
             }
@@ -885,6 +904,31 @@ impl Engine {
             }
             // ICMP errors from earlier sends surface here on Linux; not fatal.
             Err(e) => debug!("media recv error: {e}"),
+        }
+    }
+
+    /// Takes in the rest of a publisher's frame before the fan-out, for at most
+    /// `gather` from now. The kernel hands a frame's burst over in pieces (the first
+    /// datagram wakes this thread while the rest are still arriving): fanned out
+    /// piece by piece, each viewer would get the frame in several short GSO runs,
+    /// each a full trip through the kernel's send path.
+    fn gather_frame(&mut self, batch: &mut batch_io::RecvBatch) {
+        if self.gather.is_zero() || !self.sfu.frame_open() {
+            return;
+        }
+        let until = Instant::now() + self.gather;
+        // Bounded: a frame is a few batches at most.
+        for _ in 0..MAX_GATHER_READS {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.shared.gather_expired.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            self.shared.gather_reads.fetch_add(1, Ordering::Relaxed);
+            self.receive_batch(left, batch);
+            if !self.sfu.frame_open() {
+                return;
+            }
         }
     }
 

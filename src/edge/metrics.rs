@@ -136,7 +136,7 @@ impl Metrics {
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
             // Counters the media threads keep themselves (relaxed atomics).
-            let atomics: [(&str, &AtomicU64); 12] = [
+            let atomics: [(&str, &AtomicU64); 14] = [
                 ("edgerelay_span_viewers_seated_total", &shared.span_seated),
                 ("edgerelay_span_feeds_total", &shared.span_feeds),
                 (
@@ -149,6 +149,11 @@ impl Metrics {
                     &shared.loop_iterations,
                 ),
                 ("edgerelay_media_receive_calls_total", &shared.receive_calls),
+                ("edgerelay_media_gather_reads_total", &shared.gather_reads),
+                (
+                    "edgerelay_media_gather_expired_total",
+                    &shared.gather_expired,
+                ),
                 (
                     "edgerelay_media_datagrams_received_total",
                     &shared.datagrams_received,

@@ -62,6 +62,11 @@ pub struct LoadtestArgs {
     /// PID of the server process (CPU and RSS from /proc).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Kernel threads doing the server's own packet work outside its process (the
+    /// NAPI threads of its network device in the NIC-model bench): their CPU time
+    /// over the steady phase counts as the server's. Repeatable.
+    #[arg(long)]
+    pub server_kernel_tid: Vec<u32>,
     /// Prometheus endpoint of an edgerelay server (default: /metrics next to --whep).
     #[arg(long)]
     pub metrics: Option<String>,
@@ -600,6 +605,13 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     // Steady phase.
     let snap_a = snapshot(&counters);
     let cpu_a = server_sample(args.server_pid);
+    let kernel_cpu = || -> Option<f64> {
+        args.server_kernel_tid
+            .iter()
+            .map(|&t| procstat::sample(t, ticks).ok().map(|s| s.cpu_seconds))
+            .sum()
+    };
+    let kernel_a = kernel_cpu();
     let out_a = match &metrics_url {
         Some(u) => procstat::scrape_counter(&client, u, "edgerelay_rtp_packets_out_total")
             .await
@@ -642,6 +654,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let steady_secs = steady_start.elapsed().as_secs_f64();
     let snap_b = snapshot(&counters);
     let cpu_b = server_sample(args.server_pid);
+    let kernel_b = kernel_cpu();
     let client_b = procstat::sample(me, ticks).ok();
     let udp_client_b = procstat::udp_counters(me);
     let udp_server_b = args.server_pid.and_then(procstat::udp_counters);
@@ -753,8 +766,13 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let j_kc = join_ms(|c| c.key_complete_us.load(Ordering::Relaxed));
     let mut dms: Vec<f64> = delays.iter().map(|&d| f64::from(d) / 1000.0).collect();
     let delay = Pct::of(&mut dms);
-    let cpu = match (cpu_a, cpu_b) {
-        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+    // A kernel thread that went away (or never existed) voids the figure.
+    let kernel_cpu_secs = match (kernel_a, kernel_b) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let cpu = match (cpu_a, cpu_b, kernel_cpu_secs) {
+        (Some(a), Some(b), Some(k)) => Some(b.cpu_seconds - a.cpu_seconds + k),
         _ => None,
     };
     let server_pkts = match (out_a, out_b) {
@@ -871,6 +889,7 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         "delay_ms": delay.json(),
         "server_pid": args.server_pid,
         "server_cpu_seconds": opt(cpu),
+        "server_kernel_threads_cpu_seconds": opt(kernel_cpu_secs.filter(|_| !args.server_kernel_tid.is_empty())),
         "server_cpu_pct": opt(cpu.map(|c| 100.0 * c / steady_secs.max(1e-9))),
         "server_packets_out": opt(server_pkts),
         "us_per_pkt": opt(us_per_pkt),
