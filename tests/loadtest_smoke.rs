@@ -300,15 +300,17 @@ fn json_report(out: &std::process::Output) -> serde_json::Value {
 
 /// `media.gather_us`: a frame whose packets arrive spread out (a paced source, one
 /// packet every ~3 ms) leaves to each viewer in one GSO run when the media thread
-/// waits for the rest of the frame, and datagram by datagram when it does not.
+/// waits for the rest of the frame, and datagram by datagram when it does not. A
+/// wait shorter than the packets' spacing runs out, and the thread then stops
+/// waiting (for 2 s) instead of delaying every packet by it.
 #[test]
 fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
     let dir = std::env::temp_dir().join(format!("loadtest_gather_{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let cache = dir.join("source.loop");
-    // (gather_us, share of datagrams in GSO runs, gather receives)
+    // (gather_us, share of datagrams in GSO runs, gather receives, waits run out)
     let mut seen = Vec::new();
-    for gather_us in [0u64, 40_000] {
+    for gather_us in [0u64, 40_000, 1_000] {
         let cfg = dir.join(format!("edge-{gather_us}.toml"));
         std::fs::write(&cfg, format!("[media]\ngather_us = {gather_us}\n")).expect("config");
         let edge = EdgeProcess::start(
@@ -387,11 +389,14 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
             gather_us,
             counter("edgerelay_media_gso_segments_total") / out_dgrams,
             counter("edgerelay_media_gather_reads_total"),
+            counter("edgerelay_media_gather_expired_total"),
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("(gather_us, share of datagrams in GSO runs, gather receives): {seen:?}");
-    let (plain, gathered) = (seen[0], seen[1]);
+    eprintln!(
+        "(gather_us, share of datagrams in GSO runs, gather receives, waits run out): {seen:?}"
+    );
+    let (plain, gathered, short) = (seen[0], seen[1], seen[2]);
     assert_eq!(plain.2, 0.0, "no gathering when it is off: {seen:?}");
     assert!(gathered.2 > 0.0, "{seen:?}");
     // Here ~0.2 -> ~0.8 (a late source sends a few packets together, so the plain
@@ -403,5 +408,14 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
     assert!(
         gathered.1 > plain.1 + 0.3,
         "gathering changes little: {seen:?}"
+    );
+    // 1 ms against ~3 ms between packets: the waits run out, and after each the
+    // thread leaves the next 2 s alone. Without that, every packet of the run
+    // (several hundred) would wait once.
+    assert!(short.3 >= 1.0, "{seen:?}");
+    assert!(short.2 <= 8.0 * short.3, "{seen:?}");
+    assert!(
+        short.3 <= 10.0,
+        "a wait that ran out holds off the next: {seen:?}"
     );
 }

@@ -841,13 +841,14 @@ impl Sfu {
     /// (the last video packet lacks the RTP marker bit). A frame arrives as a
     /// burst that the kernel may hand over in pieces; a driver that takes the rest
     /// in before polling transmits sends each viewer the frame in fewer, longer GSO
-    /// runs.
+    /// runs. False for a mirror's packets: the rest of those comes from the home
+    /// thread ([`Sfu::feed`]), not from the driver's socket.
     pub fn frame_open(&self) -> bool {
         self.pending
             .iter()
             .rev()
             .find(|p| p.track == VIDEO)
-            .is_some_and(|p| !p.cp.marker)
+            .is_some_and(|p| !p.cp.marker && self.rooms.get(p.room).is_some_and(|r| !r.mirror))
     }
 
     /// The next datagram to send, if any.

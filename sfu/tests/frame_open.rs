@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::World;
 use edgerelay_sfu::SfuConfig;
-use str0m::{Input, Output};
 
 #[test]
 fn open_until_the_frames_last_packet_is_in() {
@@ -29,23 +28,8 @@ fn open_until_the_frames_last_packet_is_in() {
     // One frame of ~8 kB: several RTP packets. Take the publisher's datagrams
     // without handing them over yet.
     w.write_frame(p, None, 3, false, 8000);
-    let now = w.now + Duration::from_millis(1);
-    w.now = now;
-    let mut datagrams = Vec::new();
-    let c = &mut w.clients[p];
-    c.rtc.handle_input(Input::Timeout(now)).expect("timeout");
-    for _ in 0..1000 {
-        match c.rtc.poll_output().expect("poll") {
-            Output::Transmit(t) => datagrams.push((t.source, t.destination, t.contents.to_vec())),
-            Output::Timeout(_) => break,
-            Output::Event(_) => {}
-        }
-    }
-    // SRTP: RTP's second byte is the marker and payload type, RTCP's 200-207.
-    let rtp: Vec<_> = datagrams
-        .iter()
-        .filter(|(_, _, d)| d.len() > 12 && !(192..=223).contains(&d[1]))
-        .collect();
+    let rtp = w.take_rtp(p);
+    let now = w.now;
     assert!(
         rtp.len() >= 5,
         "a frame of ~8 kB is several packets: {}",

@@ -271,3 +271,27 @@ fn a_home_room_kept_open_for_its_mirror_takes_the_next_publisher() {
     home.sfu.close_if_empty("r");
     assert_eq!(home.sfu.room_count(), 0);
 }
+
+/// A mirror's packets never hold its driver for the rest of a frame (the rest
+/// comes in the home's next feed, not on the mirror's socket): `frame_open` is
+/// false there while the home's own is true.
+#[test]
+fn a_mirror_does_not_wait_for_the_rest_of_a_frame() {
+    let (mut home, mut mirror, p) = worlds();
+    assert!(mirror.sfu.mirror_room(mirror.now, "r"));
+    mirror.view("r");
+    assert!(home.sfu.export_feed("r", true));
+    connect(&mut home, &mut mirror);
+    frames(&mut home, &mut mirror, p, 0..3);
+    home.write_frame(p, None, 3, false, FRAME_BYTES);
+    let rtp = home.take_rtp(p);
+    assert!(rtp.len() >= 3, "{} packets", rtp.len());
+    for (src, dst, d) in &rtp[..2] {
+        home.sfu.handle_datagram(home.now, *src, *dst, d);
+    }
+    assert!(home.sfu.frame_open(), "the home waits for the rest");
+    mirror.now = home.now;
+    let feed = home.sfu.poll_feed().expect("the frame's first packets");
+    assert!(mirror.sfu.feed(mirror.now, &feed));
+    assert!(!mirror.sfu.frame_open(), "a mirror does not");
+}

@@ -700,6 +700,7 @@ pub fn spawn(
                     last_prune: Instant::now(),
                     batch_io: io.batch,
                     gather: io.gather,
+                    gather_off_until: None,
                     out: Vec::with_capacity(OUT_QUEUE),
                     sender,
                     received_at: None,
@@ -760,6 +761,8 @@ struct Engine {
     batch_io: bool,
     /// How long to wait for the rest of an open frame ([`Engine::gather_frame`]).
     gather: Duration,
+    /// No waiting for the rest of frames until then (a wait ran out).
+    gather_off_until: Option<Instant>,
     /// Transmits waiting for the next `sendmmsg`.
     out: Vec<edgerelay_sfu::Transmit>,
     /// Sends the batches (sendmmsg, UDP GSO).
@@ -802,6 +805,10 @@ const MAX_FEED_LAG: Duration = Duration::from_millis(300);
 
 /// Receive calls one wait for the rest of a frame may make ([`Engine::gather_frame`]).
 const MAX_GATHER_READS: usize = 8;
+
+/// How long a media thread stops waiting for the rest of frames after a wait ran
+/// out (a pacing publisher), before it tries again.
+const GATHER_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.
@@ -912,16 +919,26 @@ impl Engine {
     /// datagram wakes this thread while the rest are still arriving): fanned out
     /// piece by piece, each viewer would get the frame in several short GSO runs,
     /// each a full trip through the kernel's send path.
+    ///
+    /// A wait that ends at the limit without the frame's end means a publisher that
+    /// paces its packets further apart than `gather`: waiting would only add delay
+    /// to each of them, so this thread stops waiting for [`GATHER_BACKOFF`].
     fn gather_frame(&mut self, batch: &mut batch_io::RecvBatch) {
         if self.gather.is_zero() || !self.sfu.frame_open() {
             return;
         }
-        let until = Instant::now() + self.gather;
+        let now = Instant::now();
+        if self.gather_off_until.is_some_and(|t| now < t) {
+            return;
+        }
+        let until = now + self.gather;
         // Bounded: a frame is a few batches at most.
         for _ in 0..MAX_GATHER_READS {
-            let left = until.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = until.saturating_duration_since(now);
             if left.is_zero() {
                 self.shared.gather_expired.fetch_add(1, Ordering::Relaxed);
+                self.gather_off_until = Some(now + GATHER_BACKOFF);
                 return;
             }
             self.shared.gather_reads.fetch_add(1, Ordering::Relaxed);

@@ -432,6 +432,28 @@ impl World {
         panic!("not all connected");
     }
 
+    /// Fires `idx`'s timers at `now` + 1 ms and takes the RTP datagrams it then sends,
+    /// without handing them to the SFU (a test hands them over one by one).
+    pub fn take_rtp(&mut self, idx: usize) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+        self.now += Duration::from_millis(1);
+        let c = &mut self.clients[idx];
+        let _ = c.rtc.handle_input(Input::Timeout(self.now));
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            match c.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => {
+                    // SRTP: RTCP's second byte is 192-223 (its packet type).
+                    if t.contents.len() > 12 && !(192..=223).contains(&t.contents[1]) {
+                        out.push((t.source, t.destination, t.contents.to_vec()));
+                    }
+                }
+                Ok(Output::Event(_)) => {}
+                Ok(Output::Timeout(_)) | Err(_) => break,
+            }
+        }
+        out
+    }
+
     /// Sends `n` frames of 30 fps video from `publisher`, keyframe every `gop`.
     pub fn stream(&mut self, publisher: usize, first: u32, n: u32, gop: u32) {
         for f in first..first + n {
