@@ -71,6 +71,9 @@ impl Default for HttpConfig {
     }
 }
 
+/// The longest `media.gather_us` accepted: 20 ms, well under a 30 fps frame interval.
+pub const MAX_GATHER_US: u64 = 20_000;
+
 /// The one UDP port all peers share.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -258,6 +261,12 @@ impl EdgeConfig {
         if self.media.threads > 64 {
             bail!("media.threads: at most 64 (0 = one per CPU)");
         }
+        if self.media.gather_us > MAX_GATHER_US {
+            bail!(
+                "media.gather_us: at most {MAX_GATHER_US} (a wait holds every packet of its \
+                 media thread; 0 = never wait)"
+            );
+        }
         if self.sfu.keyframe_throttle_ms > 10_000 {
             bail!("sfu.keyframe_throttle_ms: at most 10000");
         }
@@ -410,6 +419,12 @@ mod tests {
         cfg.sfu.max_viewers_per_room = 0;
         let e = cfg.validate().expect_err("zero viewers");
         assert!(e.to_string().starts_with("sfu.max_viewers_per_room"), "{e}");
+        cfg.sfu.max_viewers_per_room = 10;
+        cfg.media.gather_us = MAX_GATHER_US + 1;
+        let e = cfg.validate().expect_err("a long frame wait");
+        assert!(e.to_string().starts_with("media.gather_us"), "{e}");
+        cfg.media.gather_us = MAX_GATHER_US;
+        cfg.validate().expect("the longest frame wait accepted");
         let mut cfg = EdgeConfig::default();
         cfg.auth.publisher_tokens = vec!["long-enough-token".into()];
         cfg.gateway.url = Some("http://127.0.0.1:8444".into());

@@ -807,8 +807,11 @@ const MAX_FEED_LAG: Duration = Duration::from_millis(300);
 const MAX_GATHER_READS: usize = 8;
 
 /// How long a media thread stops waiting for the rest of frames after a wait ran
-/// out (a pacing publisher), before it tries again.
-const GATHER_BACKOFF: Duration = Duration::from_secs(2);
+/// out, before it tries again. Short: the wait also runs out on the tail of a large
+/// keyframe that a bursting publisher paces (libwebrtc sends ~40 ms of its rate at
+/// once, and paces the rest), and the next frames should be gathered again; a
+/// publisher that paces every packet costs one wasted wait per interval.
+const GATHER_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.

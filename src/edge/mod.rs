@@ -53,6 +53,10 @@ pub struct EdgeArgs {
     /// media.span_viewers; 0 = never).
     #[arg(long)]
     pub span_viewers: Option<usize>,
+    /// Microseconds a media thread waits for the rest of a publisher's frame before
+    /// fanning it out (overrides media.gather_us; 0 = never wait).
+    #[arg(long)]
+    pub gather_us: Option<u64>,
     /// Node id (overrides node.id).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -88,6 +92,9 @@ impl EdgeArgs {
         }
         if let Some(n) = self.media_threads {
             cfg.media.threads = n;
+        }
+        if let Some(us) = self.gather_us {
+            cfg.media.gather_us = us;
         }
         if let Some(n) = self.span_viewers {
             cfg.media.span_viewers = n;
