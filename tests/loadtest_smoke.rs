@@ -21,6 +21,32 @@ impl Drop for Proc {
     }
 }
 
+/// An edge on loopback with the smoke tokens and the config file `cfg`.
+fn start_edge_with_config(cfg: &std::path::Path) -> EdgeProcess {
+    EdgeProcess::start(
+        &[
+            "--config",
+            cfg.to_str().expect("utf-8 path"),
+            "--public-ip",
+            "127.0.0.1",
+            "--publisher-token",
+            "smoke-pub",
+            "--viewer-token",
+            "smoke-view",
+        ],
+        false,
+    )
+}
+
+/// The sum of the samples of the metric lines starting with `name` in `metrics`.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn start_edge() -> EdgeProcess {
     EdgeProcess::start(
         &[
@@ -190,19 +216,7 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
          listen_tcp = []\nrelay_ip = \"127.0.0.1\"\nrelay_port_min = 0\nrelay_port_max = 0\n",
     )
     .expect("write config");
-    let edge = EdgeProcess::start(
-        &[
-            "--config",
-            cfg.to_str().expect("utf-8 path"),
-            "--public-ip",
-            "127.0.0.1",
-            "--publisher-token",
-            "smoke-pub",
-            "--viewer-token",
-            "smoke-view",
-        ],
-        false,
-    );
+    let edge = start_edge_with_config(&cfg);
     let http = edge.http();
     let cache = dir.join("source.loop");
     let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
@@ -253,13 +267,7 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
     assert_eq!(r["viewers_keyframe_complete"], 4, "{r}");
     // The media really went through the TURN server: 4 allocations, and it relayed
     // at least as many packets to the viewers as they received in the steady phase.
-    let counter = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let counter = |name: &str| metric_sum(&metrics, name);
     assert!(
         metrics
             .lines()
@@ -313,19 +321,7 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
     for gather_us in [0u64, 20_000, 1_000] {
         let cfg = dir.join(format!("edge-{gather_us}.toml"));
         std::fs::write(&cfg, format!("[media]\ngather_us = {gather_us}\n")).expect("config");
-        let edge = EdgeProcess::start(
-            &[
-                "--config",
-                cfg.to_str().expect("utf-8 path"),
-                "--public-ip",
-                "127.0.0.1",
-                "--publisher-token",
-                "smoke-pub",
-                "--viewer-token",
-                "smoke-view",
-            ],
-            false,
-        );
+        let edge = start_edge_with_config(&cfg);
         let http = edge.http();
         // ~6 packets a frame, paced at 5 Mbit/s with no burst allowance: a frame's
         // packets arrive ~2 ms apart, over ~10 ms, inside a 20 ms gather (a
@@ -372,13 +368,7 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
             "gather_us={gather_us}: {r}"
         );
         assert!(r["loss_pct"].as_f64().is_some_and(|l| l < 1.0), "{r}");
-        let counter = |name: &str| -> f64 {
-            metrics
-                .lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let counter = |name: &str| metric_sum(&metrics, name);
         if counter("edgerelay_media_gso_threads ") < 1.0 {
             eprintln!("skipped: this kernel refuses UDP GSO on loopback");
             let _ = std::fs::remove_dir_all(&dir);

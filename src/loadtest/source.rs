@@ -373,12 +373,15 @@ pub async fn start(cfg: SourceConfig) -> anyhow::Result<Source> {
     let stop = Arc::new(AtomicBool::new(false));
     let (st, s2) = (stop.clone(), stats.clone());
     let fps = cfg.fps;
-    let pace_bps = u64::from(cfg.pace_kbps) * 1000;
-    let pace_burst = cfg.pace_burst;
+    let pacer = Pacer::new(
+        u64::from(cfg.pace_kbps) * 1000,
+        cfg.pace_burst,
+        Instant::now(),
+    );
     let thread = std::thread::Builder::new()
         .name("loadtest-source".into())
         .spawn(move || {
-            let r = send_loop(frames, fps, (pace_bps, pace_burst), whip, plain, &st, &s2);
+            let r = send_loop(frames, fps, pacer, whip, plain, &st, &s2);
             if let Err(e) = &r {
                 tracing::warn!("source ended: {e:#}");
             }
@@ -404,7 +407,7 @@ fn h264_pt(rtc: &mut Rtc, mid: Mid) -> Option<Pt> {
 fn send_loop(
     frames: Vec<LoopFrame>,
     fps: u32,
-    (pace_bps, pace_burst): (u64, Duration),
+    mut pacer: Pacer,
     mut whip: Option<WhipSink>,
     plain: Option<UdpSocket>,
     stop: &AtomicBool,
@@ -422,7 +425,6 @@ fn send_loop(
     let mut rtp_buf = Vec::with_capacity(MTU + 12);
     // Packets written by the encoder side, waiting for the pacer: (payload, marker, ts).
     let mut paced: VecDeque<(Vec<u8>, bool, u32)> = VecDeque::new();
-    let mut pacer = Pacer::new(pace_bps, pace_burst, start);
     while !stop.load(Ordering::Relaxed) {
         let mut deadline = Instant::now() + Duration::from_millis(50);
         if let Some(w) = whip.as_mut() {
