@@ -8,6 +8,9 @@
 #          pkt_fanout_p50_le_ms=... pkt_fanout_p99_le_ms=... (the same delay per publisher packet,
 #          not per media loop pass: passes that brought only RTCP do not count)
 #          viewers_on_mirrors=... (viewers seated on another thread than their room's)
+#          delay_p50_ms=... frame_delay_p50_ms=... frame_delay_p99_ms=... (the viewers' one-way
+#          delay from the source's stamp in a frame to the frame's first packet, and to its
+#          last: when the frame can be decoded; wall clock, generator included)
 # (the last four from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
@@ -281,7 +284,10 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_r
       f"server_cpu_pct={r['server_cpu_pct']} gso_segs_per_send={segs} gso_pct_of_datagrams={share} "
       f"fanout_p50_le_ms={quantile(0.5)} fanout_p99_le_ms={quantile(0.99)} "
       f"pkt_fanout_p50_le_ms={quantile(0.5, pkt_buckets)} pkt_fanout_p99_le_ms={quantile(0.99, pkt_buckets)} "
-      f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f}"
+      f"viewers_on_mirrors={m1.get('edgerelay_span_viewers_seated_total', 0):.0f} "
+      f"delay_p50_ms={(r.get('delay_ms') or {}).get('p50')} "
+      f"frame_delay_p50_ms={(r.get('frame_delay_ms') or {}).get('p50')} "
+      f"frame_delay_p99_ms={(r.get('frame_delay_ms') or {}).get('p99')}"
       + (f" kernel_threads_cpu_s={r['server_kernel_threads_cpu_seconds']}" if r.get('server_kernel_threads_cpu_seconds') is not None else ""))
 PY
 }

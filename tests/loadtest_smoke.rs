@@ -176,10 +176,19 @@ fn loadtest_spawned_edge_with_bench_source_measures_delay() {
             .is_some_and(|m| m > 0.0),
         "{r}"
     );
-    // The source stamps every frame; every viewer reads the stamps.
+    // The source stamps every frame; every viewer reads the stamps, and dates the
+    // frame's last packet too (no sooner than its first).
     assert!(
         r["delay_ms"]["n"].as_u64().is_some_and(|n| n >= 5),
         "no delay samples: {r}"
+    );
+    assert!(
+        r["frame_delay_ms"]["n"].as_u64().is_some_and(|n| n >= 5),
+        "no frame delay samples: {r}"
+    );
+    assert!(
+        r["frame_delay_ms"]["p50"].as_f64() >= r["delay_ms"]["p50"].as_f64(),
+        "{r}"
     );
     assert!(
         r["source_packets_sent"].as_u64().is_some_and(|p| p > 0),

@@ -130,11 +130,33 @@ pub struct SwarmShared {
     pub gro: bool,
 }
 
-/// A running worker thread; `join` returns its one-way delay samples in microseconds.
+/// One-way delay samples (microseconds) from the source's stamp in a frame.
+#[derive(Debug, Default)]
+pub struct Delays {
+    /// To the packet that carries the stamp (the frame's first).
+    pub first: Vec<u32>,
+    /// To the frame's last packet (RTP marker): when a viewer can decode it.
+    pub complete: Vec<u32>,
+}
+
+impl Delays {
+    fn push(v: &mut Vec<u32>, sent_us: u64) {
+        let d = unix_micros().saturating_sub(sent_us);
+        v.push(d.min(u64::from(u32::MAX)) as u32);
+    }
+
+    /// Adds another worker's samples.
+    pub fn extend(&mut self, o: Delays) {
+        self.first.extend(o.first);
+        self.complete.extend(o.complete);
+    }
+}
+
+/// A running worker thread; `join` returns its one-way delay samples.
 pub struct Worker {
     /// Hands new viewers to the thread.
     pub tx: mpsc::Sender<NewViewer>,
-    thread: JoinHandle<Vec<u32>>,
+    thread: JoinHandle<Delays>,
 }
 
 impl Worker {
@@ -147,14 +169,14 @@ impl Worker {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!("loadtest worker failed: {e:#}");
-                    Vec::new()
+                    Delays::default()
                 }
             })?;
         Ok(Worker { tx, thread })
     }
 
     /// Waits for the thread (after [`SwarmShared::stop`]) and returns its delay samples.
-    pub fn join(self) -> Vec<u32> {
+    pub fn join(self) -> Delays {
         drop(self.tx);
         self.thread.join().unwrap_or_default()
     }
@@ -187,6 +209,8 @@ struct Viewer {
     /// Bit i set: sequence number `max_seq - i` received.
     window: [u64; (DEDUP_WINDOW / 64) as usize],
     key: KeyState,
+    /// The RTP timestamp and source stamp of the frame being received.
+    stamp: Option<(u32, u64)>,
     dead: bool,
 }
 
@@ -252,7 +276,7 @@ impl Viewer {
         data: &[u8],
         shared: &SwarmShared,
         measuring: bool,
-        delays: &mut Vec<u32>,
+        delays: &mut Delays,
     ) {
         let now = Instant::now();
         let (source, data): (SocketAddr, &[u8]) = match self.turn.as_mut() {
@@ -276,7 +300,7 @@ impl Viewer {
         self.drain(measuring, delays);
     }
 
-    fn on_rtp(&mut self, pkt: &str0m::rtp::RtpPacket, measuring: bool, delays: &mut Vec<u32>) {
+    fn on_rtp(&mut self, pkt: &str0m::rtp::RtpPacket, measuring: bool, delays: &mut Delays) {
         let seq = *pkt.seq_no;
         if !self.record_seq(seq) {
             self.c.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -328,16 +352,23 @@ impl Viewer {
                     .store(self.since_request(), Ordering::Relaxed);
             }
         }
-        if measuring {
-            if let Some(sent) = h264::read_stamp(payload) {
-                let d = unix_micros().saturating_sub(sent);
-                delays.push(d.min(u64::from(u32::MAX)) as u32);
+        if let Some(sent) = h264::read_stamp(payload) {
+            if measuring {
+                Delays::push(&mut delays.first, sent);
+            }
+            self.stamp = Some((pkt.header.timestamp, sent));
+        }
+        if pkt.header.marker {
+            if let Some((ts, sent)) = self.stamp.take() {
+                if measuring && ts == pkt.header.timestamp {
+                    Delays::push(&mut delays.complete, sent);
+                }
             }
         }
     }
 
     /// Polls str0m until it wants to wait; sends transmits, handles events.
-    fn drain(&mut self, measuring: bool, delays: &mut Vec<u32>) {
+    fn drain(&mut self, measuring: bool, delays: &mut Delays) {
         for _ in 0..10_000 {
             let out = match self.rtc.poll_output() {
                 Ok(o) => o,
@@ -412,11 +443,11 @@ impl Viewer {
     }
 }
 
-fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::Result<Vec<u32>> {
+fn worker_loop(rx: mpsc::Receiver<NewViewer>, shared: &SwarmShared) -> anyhow::Result<Delays> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
     let mut viewers: Vec<Viewer> = Vec::new();
-    let mut delays: Vec<u32> = Vec::new();
+    let mut delays = Delays::default();
     let mut buf = vec![0u8; if shared.gro { gro::GRO_BUF } else { RECV_BUF }];
     let mut next_tick = Instant::now();
     let mut rx_open = true;
@@ -504,7 +535,7 @@ fn add_viewer(
     poll: &mut Poll,
     viewers: &mut Vec<Viewer>,
     nv: NewViewer,
-    delays: &mut Vec<u32>,
+    delays: &mut Delays,
     gro_on: bool,
 ) -> anyhow::Result<()> {
     let local = match nv.turn.as_ref().and_then(TurnClient::relayed) {
@@ -537,6 +568,7 @@ fn add_viewer(
         max_seq: 0,
         window: [0; (DEDUP_WINDOW / 64) as usize],
         key: KeyState::Waiting,
+        stamp: None,
         dead: false,
     };
     v.drain(false, delays);
@@ -564,6 +596,7 @@ mod tests {
             max_seq: 0,
             window: [0; (DEDUP_WINDOW / 64) as usize],
             key: KeyState::Waiting,
+            stamp: None,
             dead: false,
         }
     }
