@@ -11,7 +11,7 @@
 #          delay_p50_ms=... frame_delay_p50_ms=... frame_delay_p99_ms=... (the viewers' one-way
 #          delay from the source's stamp in a frame to the frame's first packet, and to its
 #          last: when the frame can be decoded; wall clock, generator included)
-# (the last four from the edge's /metrics, steady phase only: the difference between a
+# (gso_*, fanout_*, pkt_fanout_* and viewers_on_mirrors from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
 # variant to the baseline (one datagram per syscall).
