@@ -98,6 +98,7 @@ NIC_EDGE_IP=10.219.0.1
 NIC_GEN_IP=10.219.0.2
 NIC_EDGE_CPUS=${NIC_EDGE_CPUS:-0}
 NIC_TIDS=()
+NIC_REST_CPUS=
 nic_cleanup() {
   for n in "$NIC_E" "$NIC_G"; do
     if [ -e "/run/netns/$n" ]; then ip netns del "$n" 2>/dev/null || true; fi
@@ -105,19 +106,25 @@ nic_cleanup() {
 }
 trap 'nic_cleanup; cleanup' EXIT
 
+# Root, `ip`, `taskset` and 2+ CPUs: what the variants in namespaces of their own need.
+can_pin_namespaces() {
+  [ "$(id -u)" = 0 ] && [ "$(nproc)" -ge 2 ] && command -v ip >/dev/null &&
+    command -v taskset >/dev/null
+}
+
 # NAPI kernel threads of device $1 (their names start napi/<dev>-).
 napi_threads() {
   ps -eo pid=,comm= | awk -v p="napi/$1-" 'index($2, p) == 1 { print $1 }'
 }
 
-# Makes the NIC model; sets NIC_TIDS to the edge's NAPI threads.
+# Makes the NIC model; sets NIC_TIDS to the edge's NAPI threads and NIC_REST_CPUS to the
+# generator's CPUs.
 make_nic_netns() {
-  local q=${NIC_QUEUES:-4} rest_cpus t
-  if [ "$(id -u)" != 0 ] || [ "$(nproc)" -lt 2 ] || ! command -v ip >/dev/null ||
-    ! command -v ethtool >/dev/null || ! command -v taskset >/dev/null; then
+  local q=${NIC_QUEUES:-4} t
+  if ! can_pin_namespaces || ! command -v ethtool >/dev/null; then
     return 1
   fi
-  rest_cpus=$(nic_rest_cpus)
+  NIC_REST_CPUS=$(nic_rest_cpus)
   ip netns add "$NIC_E" && ip netns add "$NIC_G" &&
     ip link add "$NIC_DEV_E" netns "$NIC_E" numtxqueues "$q" numrxqueues "$q" type veth \
       peer name "$NIC_DEV_G" netns "$NIC_G" numtxqueues "$q" numrxqueues "$q" &&
@@ -134,7 +141,7 @@ make_nic_netns() {
   for t in $(napi_threads "$NIC_DEV_E"); do
     taskset -pc "$NIC_EDGE_CPUS" "$t" >/dev/null && NIC_TIDS+=("$t")
   done
-  for t in $(napi_threads "$NIC_DEV_G"); do taskset -pc "$rest_cpus" "$t" >/dev/null; done
+  for t in $(napi_threads "$NIC_DEV_G"); do taskset -pc "$NIC_REST_CPUS" "$t" >/dev/null; done
   [ "${#NIC_TIDS[@]}" -gt 0 ]
 }
 
@@ -155,8 +162,7 @@ PY
 make_rps_netns() {
   local cpus mask
   cpus=$(nproc)
-  if [ "$(id -u)" != 0 ] || [ "$cpus" -lt 2 ] || ! command -v ip >/dev/null ||
-    ! command -v taskset >/dev/null; then
+  if ! can_pin_namespaces; then
     return 1
   fi
   mask=$(printf '%x' $(((1 << cpus) - 2)))
@@ -190,7 +196,7 @@ run_variant() {
     ns=(ip netns exec "$NIC_E")
     gns=(ip netns exec "$NIC_G")
     pin=(taskset -c "$NIC_EDGE_CPUS")
-    rest=(taskset -c "$(nic_rest_cpus)")
+    rest=(taskset -c "$NIC_REST_CPUS")
     ip=$NIC_EDGE_IP
     for t in "${NIC_TIDS[@]}"; do client+=(--server-kernel-tid "$t"); done
     ;;

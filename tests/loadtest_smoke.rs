@@ -93,28 +93,22 @@ fn loadtest_ten_viewers_all_receive() {
     // Let the publisher connect and the edge cache a first keyframe.
     std::thread::sleep(Duration::from_secs(3));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "loadtest",
-            "--whep",
-            &format!("{http}/whep/smoke"),
-            "--token",
-            "smoke-view",
-            "--viewers",
-            "10",
-            "--join-rate",
-            "20",
-            "--seconds",
-            "5",
-            "--settle-seconds",
-            "1",
-            "--server-pid",
-            &edge_pid.to_string(),
-            "--json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("loadtest runs");
+    let out = run_loadtest(&[
+        "--whep",
+        &format!("{http}/whep/smoke"),
+        "--token",
+        "smoke-view",
+        "--viewers",
+        "10",
+        "--join-rate",
+        "20",
+        "--seconds",
+        "5",
+        "--settle-seconds",
+        "1",
+        "--server-pid",
+        &edge_pid.to_string(),
+    ]);
     drop(publisher);
     drop(edge);
     let r = json_report(&out);
@@ -144,29 +138,23 @@ fn loadtest_ten_viewers_all_receive() {
 #[test]
 fn loadtest_spawned_edge_with_bench_source_measures_delay() {
     let cache = std::env::temp_dir().join(format!("loadtest_smoke_{}.loop", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "loadtest",
-            "--spawn-edge",
-            "--viewers",
-            "5",
-            "--seconds",
-            "3",
-            "--settle-seconds",
-            "1",
-            "--source-width",
-            "320",
-            "--source-height",
-            "180",
-            "--source-bitrate-kbps",
-            "500",
-            "--source-cache",
-            cache.to_str().expect("utf-8 temp path"),
-            "--json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("loadtest runs");
+    let out = run_loadtest(&[
+        "--spawn-edge",
+        "--viewers",
+        "5",
+        "--seconds",
+        "3",
+        "--settle-seconds",
+        "1",
+        "--source-width",
+        "320",
+        "--source-height",
+        "180",
+        "--source-bitrate-kbps",
+        "500",
+        "--source-cache",
+        cache.to_str().expect("utf-8 temp path"),
+    ]);
     let _ = std::fs::remove_file(&cache);
     let r = json_report(&out);
     assert_eq!(r["viewers_receiving_steady"], 5, "{r}");
@@ -228,40 +216,34 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
     let edge = start_edge_with_config(&cfg);
     let http = edge.http();
     let cache = dir.join("source.loop");
-    let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-        .args([
-            "loadtest",
-            "--whep",
-            &format!("{http}/whep/relay"),
-            "--token",
-            "smoke-view",
-            "--relay",
-            "udp",
-            "--viewers",
-            "4",
-            "--seconds",
-            "3",
-            "--settle-seconds",
-            "1",
-            "--server-pid",
-            &edge.pid().to_string(),
-            "--source-whip",
-            &format!("{http}/whip/relay"),
-            "--source-token",
-            "smoke-pub",
-            "--source-width",
-            "320",
-            "--source-height",
-            "180",
-            "--source-bitrate-kbps",
-            "500",
-            "--source-cache",
-            cache.to_str().expect("utf-8 path"),
-            "--json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("loadtest runs");
+    let out = run_loadtest(&[
+        "--whep",
+        &format!("{http}/whep/relay"),
+        "--token",
+        "smoke-view",
+        "--relay",
+        "udp",
+        "--viewers",
+        "4",
+        "--seconds",
+        "3",
+        "--settle-seconds",
+        "1",
+        "--server-pid",
+        &edge.pid().to_string(),
+        "--source-whip",
+        &format!("{http}/whip/relay"),
+        "--source-token",
+        "smoke-pub",
+        "--source-width",
+        "320",
+        "--source-height",
+        "180",
+        "--source-bitrate-kbps",
+        "500",
+        "--source-cache",
+        cache.to_str().expect("utf-8 path"),
+    ]);
     // The viewers deleted their allocations on the way out (Refresh, lifetime 0);
     // the gauge follows within the TURN thread's one-second sweep.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -304,6 +286,17 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
     assert!(handoff < 0.1 * media_sends, "{metrics}");
 }
 
+/// Runs `edgerelay loadtest` with `args` and `--json`, its log on the test's stderr.
+fn run_loadtest(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+        .arg("loadtest")
+        .args(args)
+        .arg("--json")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("loadtest runs")
+}
+
 /// The loadtest's `--json` report: the last JSON line of a successful run.
 fn json_report(out: &std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -335,40 +328,34 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
         // ~6 packets a frame, paced at 5 Mbit/s with no burst allowance: a frame's
         // packets arrive ~2 ms apart, over ~10 ms, inside a 20 ms gather (a
         // keyframe's do not: its wait runs out).
-        let out = Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-            .args([
-                "loadtest",
-                "--whep",
-                &format!("{http}/whep/gather"),
-                "--token",
-                "smoke-view",
-                "--viewers",
-                "3",
-                "--seconds",
-                "3",
-                "--settle-seconds",
-                "1",
-                "--source-whip",
-                &format!("{http}/whip/gather"),
-                "--source-token",
-                "smoke-pub",
-                "--source-width",
-                "320",
-                "--source-height",
-                "180",
-                "--source-bitrate-kbps",
-                "1500",
-                "--source-pace-kbps",
-                "5000",
-                "--source-pace-burst-ms",
-                "0",
-                "--source-cache",
-                cache.to_str().expect("utf-8 path"),
-                "--json",
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("loadtest runs");
+        let out = run_loadtest(&[
+            "--whep",
+            &format!("{http}/whep/gather"),
+            "--token",
+            "smoke-view",
+            "--viewers",
+            "3",
+            "--seconds",
+            "3",
+            "--settle-seconds",
+            "1",
+            "--source-whip",
+            &format!("{http}/whip/gather"),
+            "--source-token",
+            "smoke-pub",
+            "--source-width",
+            "320",
+            "--source-height",
+            "180",
+            "--source-bitrate-kbps",
+            "1500",
+            "--source-pace-kbps",
+            "5000",
+            "--source-pace-burst-ms",
+            "0",
+            "--source-cache",
+            cache.to_str().expect("utf-8 path"),
+        ]);
         let metrics = http_get(&format!("{http}/metrics"));
         drop(edge);
         let r = json_report(&out);
