@@ -23,19 +23,7 @@ impl Drop for Proc {
 
 /// An edge on loopback with the smoke tokens and the config file `cfg`.
 fn start_edge_with_config(cfg: &std::path::Path) -> EdgeProcess {
-    EdgeProcess::start(
-        &[
-            "--config",
-            cfg.to_str().expect("utf-8 path"),
-            "--public-ip",
-            "127.0.0.1",
-            "--publisher-token",
-            "smoke-pub",
-            "--viewer-token",
-            "smoke-view",
-        ],
-        false,
-    )
+    start_edge_with(&["--config", cfg.to_str().expect("utf-8 path")])
 }
 
 /// The sum of the samples of the metric lines starting with `name` in `metrics`.
@@ -48,17 +36,21 @@ fn metric_sum(metrics: &str, name: &str) -> f64 {
 }
 
 fn start_edge() -> EdgeProcess {
-    EdgeProcess::start(
-        &[
-            "--public-ip",
-            "127.0.0.1",
-            "--publisher-token",
-            "smoke-pub",
-            "--viewer-token",
-            "smoke-view",
-        ],
-        false,
-    )
+    start_edge_with(&[])
+}
+
+/// An edge on loopback with the smoke tokens and `extra` flags.
+fn start_edge_with(extra: &[&str]) -> EdgeProcess {
+    let mut args = vec![
+        "--public-ip",
+        "127.0.0.1",
+        "--publisher-token",
+        "smoke-pub",
+        "--viewer-token",
+        "smoke-view",
+    ];
+    args.extend_from_slice(extra);
+    EdgeProcess::start(&args, false)
 }
 
 #[test]
