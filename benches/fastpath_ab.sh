@@ -309,6 +309,7 @@ fragment() {
     direct_nogso) echo $'[media]\ngso = false' ;;
     direct | direct_rxgro | direct_rps | direct_nic) echo '' ;;
     direct_nogather | direct_nogather_rxgro | direct_nogather_nic) echo $'[media]\ngather_us = 0' ;;
+    direct_gather20ms | direct_gather20ms_rxgro | direct_gather20ms_nic) echo $'[media]\ngather_us = 20000' ;;
     one_thread2 | one_thread2_rxgro | one_thread2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 0' ;;
     span2 | span2_rxgro | span2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 1' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;

@@ -71,8 +71,10 @@ impl Default for HttpConfig {
     }
 }
 
-/// The longest `media.gather_us` accepted: 20 ms, well under a 30 fps frame interval.
-pub const MAX_GATHER_US: u64 = 20_000;
+/// The longest `media.gather_us` accepted: 100 ms. A hold ends at a frame's last
+/// packet or the next frame's first, so the window only bounds a frame whose rest
+/// is late; more than this would be a stall, not a frame.
+pub const MAX_GATHER_US: u64 = 100_000;
 
 /// The one UDP port all peers share.
 #[derive(Debug, Clone, Deserialize)]
@@ -98,10 +100,14 @@ pub struct MediaConfig {
     /// then fans out its own share (0 = a room never leaves its thread). Only with
     /// `threads` > 1; not for simulcast rooms.
     pub span_viewers: usize,
-    /// Microseconds a media thread waits for the rest of a publisher's frame
-    /// once part of it has arrived, before fanning out: the whole frame then goes
-    /// to each viewer in one GSO run. Adds at most this to the first packets'
-    /// delay. 0 = fan out whatever each receive brought.
+    /// Longest a room holds a video frame's packets waiting for the frame's last
+    /// one (the RTP marker), so the whole frame goes to each viewer in one GSO run:
+    /// a publisher whose frames arrive in pieces, or paced a packet at a time,
+    /// costs the edge about what one that bursts them does. A viewer cannot decode
+    /// a frame before its last packet, so the hold delays no frame; it ends at the
+    /// marker, at the next frame's first packet, or after this long (the paced
+    /// tail of a large keyframe goes out in chunks). 0 = fan out each packet as it
+    /// comes.
     pub gather_us: u64,
 }
 
@@ -114,7 +120,7 @@ impl Default for MediaConfig {
             gso: true,
             threads: 1,
             span_viewers: 256,
-            gather_us: 300,
+            gather_us: 20_000,
         }
     }
 }
@@ -263,8 +269,8 @@ impl EdgeConfig {
         }
         if self.media.gather_us > MAX_GATHER_US {
             bail!(
-                "media.gather_us: at most {MAX_GATHER_US} (a wait holds every packet of its \
-                 media thread; 0 = never wait)"
+                "media.gather_us: at most {MAX_GATHER_US} (microseconds a room holds a \
+                 frame's packets for its last one; 0 = never hold)"
             );
         }
         if self.sfu.keyframe_throttle_ms > 10_000 {

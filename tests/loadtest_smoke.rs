@@ -301,16 +301,16 @@ fn json_report(out: &std::process::Output) -> serde_json::Value {
 }
 
 /// `media.gather_us`: a frame whose packets arrive spread out (a paced source, one
-/// packet every ~2 ms) leaves to each viewer in one GSO run when the media thread
-/// waits for the rest of the frame, and datagram by datagram when it does not. A
-/// wait shorter than the packets' spacing runs out, and the thread then stops
-/// waiting (for 100 ms) instead of delaying every packet by it.
+/// packet every ~2 ms) leaves to each viewer in one GSO run when its room holds
+/// the frame until its last packet, and datagram by datagram when it does not. A
+/// window shorter than the packets' spacing runs out at every packet: nothing is
+/// gathered, and no packet waits longer than the window.
 #[test]
 fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
     let dir = std::env::temp_dir().join(format!("loadtest_gather_{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let cache = dir.join("source.loop");
-    // (gather_us, share of datagrams in GSO runs, gather receives, waits run out)
+    // (gather_us, share of datagrams in GSO runs, frames gathered, holds run out)
     let mut seen = Vec::new();
     for gather_us in [0u64, 20_000, 1_000] {
         let cfg = dir.join(format!("edge-{gather_us}.toml"));
@@ -367,17 +367,24 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
         seen.push((
             gather_us,
             counter("edgerelay_media_gso_segments_total") / out_dgrams,
-            counter("edgerelay_media_gather_reads_total"),
-            counter("edgerelay_media_gather_expired_total"),
+            counter("edgerelay_gather_frames_total"),
+            counter("edgerelay_gather_expired_total"),
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
-        "(gather_us, share of datagrams in GSO runs, gather receives, waits run out): {seen:?}"
+        "(gather_us, share of datagrams in GSO runs, frames gathered, holds run out): {seen:?}"
     );
     let (plain, gathered, short) = (seen[0], seen[1], seen[2]);
-    assert_eq!(plain.2, 0.0, "no gathering when it is off: {seen:?}");
-    assert!(gathered.2 > 0.0, "{seen:?}");
+    assert_eq!(
+        plain.2 + plain.3,
+        0.0,
+        "no holding when it is off: {seen:?}"
+    );
+    // ~30 frames a second for ~4 s, nearly all of them gathered (a keyframe's
+    // paced packets outlast the window: those holds run out).
+    assert!(gathered.2 > 60.0, "{seen:?}");
+    assert!(gathered.3 < gathered.2, "{seen:?}");
     // Here ~0.2 -> ~0.8 (a late source sends a few packets together, so the plain
     // share is not zero).
     assert!(
@@ -388,13 +395,9 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
         gathered.1 > plain.1 + 0.3,
         "gathering changes little: {seen:?}"
     );
-    // 1 ms against ~2 ms between packets: the waits run out, and after each the
-    // thread leaves the next 100 ms alone: at most ~100 in this ~10 s run. Without
-    // that, nearly every packet of the run (over a thousand) would wait once.
-    assert!(short.3 >= 1.0, "{seen:?}");
-    assert!(short.2 <= 8.0 * short.3, "{seen:?}");
-    assert!(
-        short.3 <= 300.0,
-        "a wait that ran out holds off the next: {seen:?}"
-    );
+    // 1 ms against ~2 ms between packets: the holds run out, a frame is rarely
+    // whole in time, and the GSO share stays near the plain one.
+    assert!(short.3 > 60.0, "{seen:?}");
+    assert!(short.2 < short.3, "{seen:?}");
+    assert!(short.1 < gathered.1 - 0.2, "{seen:?}");
 }

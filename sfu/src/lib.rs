@@ -25,6 +25,7 @@
 mod buf_pool;
 mod codec;
 mod direct;
+mod gather;
 mod gop;
 mod key_capture;
 mod peer;
@@ -64,6 +65,7 @@ pub use stun::is_rtp;
 
 use buf_pool::BufPool;
 use direct::{DirectTx, RtpOut, SentRecord};
+use gather::Offer;
 use key_capture::KeySlot;
 use peer::{Peer, Replay, TrackOut, TxTuning};
 use room::{Room, VIDEO};
@@ -121,6 +123,10 @@ pub struct SfuConfig {
     /// `bwe` only applies to viewers that join a simulcast room (which stay on
     /// str0m's path to have their layer chosen).
     pub direct_send: bool,
+    /// Longest a room holds a video frame's packets waiting for its last one
+    /// (the RTP marker), so each viewer gets the frame in one send ([`gather`]);
+    /// zero holds nothing.
+    pub gather: Duration,
 }
 
 impl Default for SfuConfig {
@@ -138,6 +144,7 @@ impl Default for SfuConfig {
             rtx_cache_age: Duration::from_millis(600),
             pacing: true,
             direct_send: true,
+            gather: Duration::from_millis(20),
         }
     }
 }
@@ -257,6 +264,13 @@ pub struct Sfu {
     pending: Vec<PendingRtp>,
     /// Where a fan-out that [`Sfu::poll_transmit`] paused stands.
     fan_at: FanCursor,
+    /// Deadlines of rooms' held frames ([`gather`]); stale entries are skipped.
+    hold_timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Arrival stamps of fanned-out packets, in runs of equal stamps, until the
+    /// driver takes them ([`Sfu::take_departed`]).
+    departed: Vec<(Instant, u32)>,
+    /// The driver's stamp for the datagrams it hands in next ([`Sfu::arrived_at`]).
+    arrival_hint: Option<Instant>,
     last_now: Option<Instant>,
     stats: SfuStats,
     seq_seed: u64,
@@ -296,6 +310,9 @@ impl Sfu {
             dead: Vec::new(),
             pending: Vec::new(),
             fan_at: FanCursor::default(),
+            hold_timers: BinaryHeap::new(),
+            departed: Vec::new(),
+            arrival_hint: None,
             last_now: None,
             stats: SfuStats::default(),
             seq_seed: 0,
@@ -819,6 +836,7 @@ impl Sfu {
     /// Advances time: fires str0m timers and pending work.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.enter(now);
+        self.expire_holds(now);
         while let Some(Reverse((t, k))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -837,18 +855,20 @@ impl Sfu {
         // The peers are ticked as the driver takes their datagrams (poll_transmit).
     }
 
-    /// Whether the publisher packets waiting for fan-out end inside a video frame
-    /// (the last video packet lacks the RTP marker bit). A frame arrives as a
-    /// burst that the kernel may hand over in pieces; a driver that takes the rest
-    /// in before polling transmits sends each viewer the frame in fewer, longer GSO
-    /// runs. False for a mirror's packets: the rest of those comes from the home
-    /// thread ([`Sfu::feed`]), not from the driver's socket.
-    pub fn frame_open(&self) -> bool {
-        self.pending
-            .iter()
-            .rev()
-            .find(|p| p.track == VIDEO)
-            .is_some_and(|p| !p.cp.marker && self.rooms.get(p.room).is_some_and(|r| !r.mirror))
+    /// The driver's stamp (the kernel's receive time) for the datagrams it hands
+    /// in next: their packets count their fan-out delay ([`Sfu::take_departed`])
+    /// from it rather than from the `now` they are handed in with, so the time
+    /// they waited in the socket counts too. Stays until the next call; a stamp
+    /// later than a datagram's `now` is ignored.
+    pub fn arrived_at(&mut self, at: Instant) {
+        self.arrival_hint = Some(at);
+    }
+
+    /// The publisher packets fanned out to every viewer since the last call, as
+    /// (arrival, count) runs: the driver measures each one's fan-out delay from
+    /// its arrival to the end of the send round that took them.
+    pub fn take_departed(&mut self) -> std::vec::Drain<'_, (Instant, u32)> {
+        self.departed.drain(..)
     }
 
     /// The next datagram to send, if any.
@@ -898,15 +918,18 @@ impl Sfu {
 
     /// When [`Sfu::handle_timeout`] must be called next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let hold = self.next_hold_deadline();
         while let Some(Reverse((t, k))) = self.timers.peek().copied() {
             match self.peers.get(k) {
-                Some(p) if p.next_timeout == Some(t) => return Some(t),
+                Some(p) if p.next_timeout == Some(t) => {
+                    return Some(hold.map_or(t, |h| h.min(t)));
+                }
                 _ => {
                     self.timers.pop();
                 }
             }
         }
-        None
+        hold
     }
 
     fn mark_dirty(&mut self, key: Key) {
@@ -1351,20 +1374,79 @@ impl Sfu {
                 layer,
                 pushed,
                 cp,
+                arrived: self.arrival_hint.filter(|t| *t <= now).unwrap_or(now),
             },
         );
     }
 
-    /// Holds a room's packet for the next viewer-major [`Sfu::fan_out`].
+    /// Queues a room's packet for the next viewer-major [`Sfu::fan_out`], or holds
+    /// it with its room until its video frame is whole ([`gather`]).
     fn queue_fan_out(&mut self, now: Instant, pk: PendingRtp) {
         if self.fan_at.paused() {
             // A packet joining a half-sent run would miss the viewers already served.
             self.fan_out(now, usize::MAX);
         }
-        self.pending.push(pk);
+        let room = pk.room;
+        match self.rooms.get_mut(room) {
+            Some(r) if pk.track == VIDEO => {
+                let (layer, ts, marker) = (pk.layer, pk.cp.ts, pk.cp.marker);
+                let window = self.cfg.gather;
+                match r
+                    .hold
+                    .offer(now, window, layer, ts, marker, pk, &mut self.pending)
+                {
+                    Offer::Passed => {}
+                    Offer::Held(deadline) => {
+                        if let Some(t) = deadline {
+                            self.hold_timers.push(Reverse((t, room)));
+                        }
+                    }
+                    Offer::Whole => self.stats.frames_gathered += 1,
+                    Offer::Cut => self.stats.gather_cut += 1,
+                    Offer::Full => self.stats.gather_full += 1,
+                }
+            }
+            _ => self.pending.push(pk),
+        }
         if self.pending.len() >= MAX_PENDING {
             self.fan_out(now, usize::MAX);
         }
+    }
+
+    /// Releases the held frames whose deadline has come.
+    fn expire_holds(&mut self, now: Instant) {
+        while let Some(&Reverse((t, rk))) = self.hold_timers.peek() {
+            if t > now {
+                break;
+            }
+            self.hold_timers.pop();
+            if self.fan_at.paused() {
+                self.fan_out(now, usize::MAX);
+            }
+            if let Some(r) = self.rooms.get_mut(rk) {
+                if r.hold.expire(now, t, &mut self.pending) {
+                    self.stats.gather_expired += 1;
+                }
+            }
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.fan_out(now, usize::MAX);
+        }
+    }
+
+    /// The next deadline of a held frame, dropping stale entries on the way.
+    fn next_hold_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, rk))) = self.hold_timers.peek() {
+            if self
+                .rooms
+                .get(rk)
+                .is_some_and(|r| r.hold.deadline() == Some(t))
+            {
+                return Some(t);
+            }
+            self.hold_timers.pop();
+        }
+        None
     }
 
     /// Sends the publishers' packets received since the last call to every viewer
@@ -1388,6 +1470,7 @@ impl Sfu {
             pending,
             fan_at,
             pool,
+            departed,
             ..
         } = self;
         let cx = &mut Cx { stats, pool };
@@ -1451,6 +1534,14 @@ impl Sfu {
                 run: start + len,
                 viewer: 0,
             };
+        }
+        // Every viewer has them: their fan-out delay ends with the driver's next send.
+        for pk in pending.iter() {
+            if let Some((_, n)) = departed.last_mut().filter(|(t, _)| *t == pk.arrived) {
+                *n += 1;
+            } else if departed.len() < MAX_DEPARTED_RUNS {
+                departed.push((pk.arrived, 1));
+            }
         }
         pending.clear();
         *fan_at = FanCursor::default();
@@ -1836,14 +1927,19 @@ fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
     }
 }
 
-/// One publisher packet waiting for [`Sfu::fan_out`].
-struct PendingRtp {
+/// One publisher packet waiting for [`Sfu::fan_out`] (or held by its room until
+/// its frame is whole, [`gather`]).
+#[derive(Debug)]
+pub(crate) struct PendingRtp {
     room: Key,
     track: usize,
     layer: usize,
     /// What the packet did to the room's GOP cache when it arrived.
     pushed: Pushed,
     cp: CachedPacket,
+    /// When it reached this core (the kernel's stamp when the driver gave one,
+    /// [`Sfu::arrived_at`]): its fan-out delay counts from here.
+    arrived: Instant,
 }
 
 /// Where a paused fan-out goes on: the first pending packet of the room run being
@@ -1874,6 +1970,10 @@ const RECYCLED_BUFFERS: usize = 2 * FAN_OUT_CHUNK;
 /// Publisher packets held for one viewer-major fan-out at most (a receive batch
 /// is smaller; the cap bounds a driver that feeds many without polling).
 const MAX_PENDING: usize = 128;
+
+/// Most (arrival, count) runs kept for the driver between two
+/// [`Sfu::take_departed`] calls; a driver that never takes them loses the rest.
+const MAX_DEPARTED_RUNS: usize = 1024;
 
 /// Hands one publisher packet to one connected viewer: forwarded, fed through the
 /// viewer's cached-GOP replay, or held back until a keyframe starts its video.

@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 use str0m::format::CodecSpec;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
 
+use crate::gather::FrameHold;
 use crate::gop::{GopCache, Timeline};
 use crate::slab::Key;
+use crate::PendingRtp;
 
 /// Index of the video track in [`Room::tracks`].
 pub const VIDEO: usize = 0;
@@ -119,6 +121,8 @@ pub struct Room {
     pub mirror: bool,
     /// The publisher's packets are also copied out for mirrors on other cores.
     pub exported: bool,
+    /// Video packets held until their frame is whole ([`crate::gather`]).
+    pub(crate) hold: FrameHold<PendingRtp>,
 }
 
 impl Room {
@@ -136,6 +140,7 @@ impl Room {
             pt_specs: Vec::new(),
             mirror: false,
             exported: false,
+            hold: FrameHold::default(),
         }
     }
 
@@ -152,6 +157,8 @@ impl Room {
     pub fn publisher_gone(&mut self) {
         self.publisher = None;
         self.pt_specs.clear();
+        // The rest of a frame of a stream that is gone.
+        self.hold.clear();
         for t in &mut self.tracks {
             t.mid = None;
             for l in &mut t.layers {

@@ -260,6 +260,7 @@ impl Sfu {
                     layer,
                     pushed,
                     cp: fp.cp.clone(),
+                    arrived: feed.received_at.min(now),
                 },
             );
         }

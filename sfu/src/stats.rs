@@ -96,6 +96,18 @@ pub struct SfuStats {
     /// Keyframe requests a mirror room passed to its home thread (before the
     /// home's own throttle, which `keyframe_requests_upstream` counts after).
     pub keyframe_requests_to_home: u64,
+    /// Video frames a room held until their last packet and sent whole
+    /// ([`SfuConfig::gather`](crate::SfuConfig::gather)); frames that arrived in
+    /// one piece are not counted.
+    pub frames_gathered: u64,
+    /// Holds released at their deadline, before the frame's last packet (a
+    /// publisher that paces a frame over longer than the window).
+    pub gather_expired: u64,
+    /// Holds released by a packet of another frame: the marker never came (lost,
+    /// or a sender that never sets it); the room stops holding for a second.
+    pub gather_cut: u64,
+    /// Holds released because they were full (a large keyframe).
+    pub gather_full: u64,
 }
 
 impl SfuStats {
@@ -145,6 +157,10 @@ impl SfuStats {
             feed_packets_in,
             feed_packets_dropped,
             keyframe_requests_to_home,
+            frames_gathered,
+            gather_expired,
+            gather_cut,
+            gather_full,
         );
     }
 }

@@ -272,11 +272,11 @@ fn a_home_room_kept_open_for_its_mirror_takes_the_next_publisher() {
     assert_eq!(home.sfu.room_count(), 0);
 }
 
-/// A mirror's packets never hold its driver for the rest of a frame (the rest
-/// comes in the home's next feed, not on the mirror's socket): `frame_open` is
-/// false there while the home's own is true.
+/// A mirror holds a frame that its home's feeds bring in pieces, as a home does
+/// with its publisher's: its viewers get nothing of it before the last packet
+/// comes in the next feed, then the whole frame at once.
 #[test]
-fn a_mirror_does_not_wait_for_the_rest_of_a_frame() {
+fn a_mirror_holds_a_frame_until_its_last_packet() {
     let (mut home, mut mirror, p) = worlds();
     assert!(mirror.sfu.mirror_room(mirror.now, "r"));
     mirror.view("r");
@@ -286,12 +286,26 @@ fn a_mirror_does_not_wait_for_the_rest_of_a_frame() {
     home.write_frame(p, None, 3, false, FRAME_BYTES);
     let rtp = home.take_rtp(p);
     assert!(rtp.len() >= 3, "{} packets", rtp.len());
-    for (src, dst, d) in &rtp[..2] {
-        home.sfu.handle_datagram(home.now, *src, *dst, d);
-    }
-    assert!(home.sfu.frame_open(), "the home waits for the rest");
+    let sent = mirror.sfu.stats().direct_out;
+    let home_sent = home.sfu.stats().direct_out;
     mirror.now = home.now;
-    let feed = home.sfu.poll_feed().expect("the frame's first packets");
-    assert!(mirror.sfu.feed(mirror.now, &feed));
-    assert!(!mirror.sfu.frame_open(), "a mirror does not");
+    for part in [&rtp[..2], &rtp[2..]] {
+        for (src, dst, d) in part {
+            home.sfu.handle_datagram(home.now, *src, *dst, d);
+        }
+        let feed = home.sfu.poll_feed().expect("the frame's packets");
+        assert!(mirror.sfu.feed(mirror.now, &feed));
+        mirror.settle();
+        if part.len() == 2 {
+            assert_eq!(mirror.sfu.stats().direct_out, sent, "the mirror holds");
+            assert_eq!(home.sfu.stats().direct_out, home_sent, "so does the home");
+        }
+    }
+    home.settle();
+    assert_eq!(mirror.sfu.stats().direct_out, sent + rtp.len() as u64);
+    assert_eq!(home.sfu.stats().direct_out, home_sent + rtp.len() as u64);
+    assert_eq!(
+        mirror.sfu.stats().frames_gathered,
+        home.sfu.stats().frames_gathered
+    );
 }

@@ -160,10 +160,6 @@ pub struct Shared {
     pub datagrams_received: AtomicU64,
     /// `recvmmsg` calls that returned data.
     pub receive_calls: AtomicU64,
-    /// Receive calls made while waiting for the rest of a frame.
-    pub gather_reads: AtomicU64,
-    /// Waits for the rest of a frame that ended at the time limit.
-    pub gather_expired: AtomicU64,
     /// Datagrams received from TURN clients through the in-process hand-off.
     pub relayed_in: AtomicU64,
     /// Datagrams sent to TURN clients through the in-process hand-off.
@@ -260,9 +256,6 @@ pub struct MediaIo {
     /// UDP GSO for runs of datagrams to one destination, when the kernel has it
     /// (only with `batch`).
     pub gso: bool,
-    /// How long to wait for the rest of a publisher's frame before fanning out
-    /// what arrived of it (only with `batch`; zero = never wait).
-    pub gather: Duration,
 }
 
 impl From<&crate::config::MediaConfig> for MediaIo {
@@ -270,11 +263,6 @@ impl From<&crate::config::MediaConfig> for MediaIo {
         MediaIo {
             batch: c.batch_io,
             gso: c.batch_io && c.gso,
-            gather: if c.batch_io {
-                Duration::from_micros(c.gather_us)
-            } else {
-                Duration::ZERO
-            },
         }
     }
 }
@@ -699,15 +687,12 @@ pub fn spawn(
                     last_publish: Instant::now(),
                     last_prune: Instant::now(),
                     batch_io: io.batch,
-                    gather: io.gather,
-                    gather_off_until: None,
                     out: Vec::with_capacity(OUT_QUEUE),
                     sender,
                     received_at: None,
                     bus,
                     exports: Exports::default(),
                     mirrors: HashMap::default(),
-                    packets_seen: 0,
                 };
                 engine.run();
                 if engine.sender.gso_active() {
@@ -759,17 +744,12 @@ struct Engine {
     last_prune: Instant,
     /// Use recvmmsg/sendmmsg (the default) instead of one call per datagram.
     batch_io: bool,
-    /// How long to wait for the rest of an open frame ([`Engine::gather_frame`]).
-    gather: Duration,
-    /// No waiting for the rest of frames until then (a wait ran out).
-    gather_off_until: Option<Instant>,
     /// Transmits waiting for the next `sendmmsg`.
     out: Vec<edgerelay_sfu::Transmit>,
     /// Sends the batches (sendmmsg, UDP GSO).
     sender: batch_io::Sender,
     /// When the first datagram of the last receive that handed datagrams to the
-    /// SFU arrived (kernel stamp); the fan-out delay is measured from there to
-    /// the end of the next flush.
+    /// SFU arrived (kernel stamp), for the mirrors' feeds of what it brought.
     received_at: Option<Instant>,
     /// The other media threads (rooms spanning threads).
     bus: ShardBus,
@@ -777,9 +757,6 @@ struct Engine {
     exports: Exports,
     /// Rooms mirrored here, and their home threads.
     mirrors: HashMap<String, usize>,
-    /// Publisher and feed packets the SFU had taken in at the last fan-out delay
-    /// observation.
-    packets_seen: u64,
 }
 
 impl Shared {
@@ -803,16 +780,6 @@ impl Shared {
 /// the mirrors' equivalent, bounding their delay and letting them catch up).
 const MAX_FEED_LAG: Duration = Duration::from_millis(300);
 
-/// Receive calls one wait for the rest of a frame may make ([`Engine::gather_frame`]).
-const MAX_GATHER_READS: usize = 8;
-
-/// How long a media thread stops waiting for the rest of frames after a wait ran
-/// out, before it tries again. Short: the wait also runs out on the tail of a large
-/// keyframe that a bursting publisher paces (libwebrtc sends ~40 ms of its rate at
-/// once, and paces the rest), and the next frames should be gathered again; a
-/// publisher that paces every packet costs one wasted wait per interval.
-const GATHER_BACKOFF: Duration = Duration::from_millis(100);
-
 /// Transmits queued before a `sendmmsg` round (several calls of [`batch_io::BATCH`]
 /// messages); a larger queue splits fewer GSO runs at its boundary.
 const OUT_QUEUE: usize = batch_io::BATCH * 4;
@@ -832,18 +799,8 @@ impl Engine {
             self.handoff_in();
             self.flush();
             let now = Instant::now();
-            if let Some(t) = self.received_at.take() {
-                let d = now.saturating_duration_since(t);
-                self.shared.fanout_delay.observe(d);
-                // Publisher (or home-fed) packets taken in since the last pass.
-                let st = self.sfu.stats();
-                let seen = st.rtp_in + st.feed_packets_in;
-                let packets = seen.saturating_sub(self.packets_seen);
-                self.packets_seen = seen;
-                if packets > 0 {
-                    self.shared.packet_delay.observe_n(d, packets);
-                }
-            }
+            self.received_at = None;
+            self.observe_departed(now);
             let next = self
                 .sfu
                 .poll_timeout()
@@ -858,7 +815,6 @@ impl Engine {
             let wait = (next - now).max(TIMER_SLACK);
             if self.batch_io {
                 self.receive_batch(wait, &mut batch);
-                self.gather_frame(&mut batch);
             } else {
                 self.receive_one(wait, &mut buf);
             }
@@ -875,6 +831,25 @@ impl Engine {
                 self.relayed
                     .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(3600));
             }
+        }
+    }
+
+    /// Counts the fan-out delay of the publisher packets the last flush completed:
+    /// each from its arrival (the kernel's stamp) to now, and once for the pass,
+    /// from the oldest of them. A packet its room held until its frame was whole
+    /// counts the hold too.
+    fn observe_departed(&mut self, now: Instant) {
+        let mut oldest: Option<Instant> = None;
+        for (arrived, n) in self.sfu.take_departed() {
+            self.shared
+                .packet_delay
+                .observe_n(now.saturating_duration_since(arrived), u64::from(n));
+            oldest = Some(oldest.map_or(arrived, |o| o.min(arrived)));
+        }
+        if let Some(t) = oldest {
+            self.shared
+                .fanout_delay
+                .observe(now.saturating_duration_since(t));
         }
     }
 
@@ -900,6 +875,7 @@ impl Engine {
                 // From the kernel's arrival stamp: the wait in the socket while this
                 // thread was busy counts in the fan-out delay.
                 let arrival = batch.first_arrival(now, self.waker_addr).unwrap_or(now);
+                self.sfu.arrived_at(arrival);
                 for (source, data) in batch.iter() {
                     if source == self.waker_addr {
                         continue;
@@ -914,41 +890,6 @@ impl Engine {
             }
             // ICMP errors from earlier sends surface here on Linux; not fatal.
             Err(e) => debug!("media recv error: {e}"),
-        }
-    }
-
-    /// Takes in the rest of a publisher's frame before the fan-out, for at most
-    /// `gather` from now. The kernel hands a frame's burst over in pieces (the first
-    /// datagram wakes this thread while the rest are still arriving): fanned out
-    /// piece by piece, each viewer would get the frame in several short GSO runs,
-    /// each a full trip through the kernel's send path.
-    ///
-    /// A wait that ends at the limit without the frame's end means a publisher that
-    /// paces its packets further apart than `gather`: waiting would only add delay
-    /// to each of them, so this thread stops waiting for [`GATHER_BACKOFF`].
-    fn gather_frame(&mut self, batch: &mut batch_io::RecvBatch) {
-        if self.gather.is_zero() || !self.sfu.frame_open() {
-            return;
-        }
-        let now = Instant::now();
-        if self.gather_off_until.is_some_and(|t| now < t) {
-            return;
-        }
-        let until = now + self.gather;
-        // Bounded: a frame is a few batches at most.
-        for _ in 0..MAX_GATHER_READS {
-            let now = Instant::now();
-            let left = until.saturating_duration_since(now);
-            if left.is_zero() {
-                self.shared.gather_expired.fetch_add(1, Ordering::Relaxed);
-                self.gather_off_until = Some(now + GATHER_BACKOFF);
-                return;
-            }
-            self.shared.gather_reads.fetch_add(1, Ordering::Relaxed);
-            self.receive_batch(left, batch);
-            if !self.sfu.frame_open() {
-                return;
-            }
         }
     }
 
@@ -968,6 +909,7 @@ impl Engine {
                     self.received_at = Some(now);
                 }
                 self.heard_direct(source);
+                self.sfu.arrived_at(now);
                 self.sfu.handle_datagram(now, source, dest, &buf[..n]);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -1034,6 +976,8 @@ impl Engine {
         };
         self.waker.pending.store(false, Ordering::Release);
         let now = Instant::now();
+        // (The TURN thread's hand-off carries no kernel stamp.)
+        self.sfu.arrived_at(now);
         for _ in 0..4096 {
             let Ok(p) = turn.rx.try_recv() else {
                 break;

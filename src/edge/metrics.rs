@@ -58,7 +58,7 @@ impl Metrics {
         if let Ok(s) = shared.stats.lock() {
             let c = |name: &'static str, v: u64| counter!(name).absolute(v);
             // The SFU cores' counters (added over the media threads).
-            let core: [(&'static str, u64); 34] = [
+            let core: [(&'static str, u64); 38] = [
                 ("edgerelay_datagrams_in_total", s.datagrams_in),
                 ("edgerelay_bytes_in_total", s.bytes_in),
                 ("edgerelay_datagrams_out_total", s.datagrams_out),
@@ -89,6 +89,10 @@ impl Metrics {
                 ("edgerelay_packets_replayed_total", s.packets_replayed),
                 ("edgerelay_replay_slices_total", s.replay_slices),
                 ("edgerelay_fanout_slices_total", s.fanout_slices),
+                ("edgerelay_gather_frames_total", s.frames_gathered),
+                ("edgerelay_gather_expired_total", s.gather_expired),
+                ("edgerelay_gather_cut_total", s.gather_cut),
+                ("edgerelay_gather_full_total", s.gather_full),
                 ("edgerelay_address_takeovers_total", s.address_takeovers),
                 ("edgerelay_span_feed_packets_out_total", s.feed_packets_out),
                 ("edgerelay_span_feed_packets_in_total", s.feed_packets_in),
@@ -136,7 +140,7 @@ impl Metrics {
             d("data_channel_full", s.data_dropped);
             d("send_error", shared.send_errors.load(Ordering::Relaxed));
             // Counters the media threads keep themselves (relaxed atomics).
-            let atomics: [(&str, &AtomicU64); 14] = [
+            let atomics: [(&str, &AtomicU64); 12] = [
                 ("edgerelay_span_viewers_seated_total", &shared.span_seated),
                 ("edgerelay_span_feeds_total", &shared.span_feeds),
                 (
@@ -149,11 +153,6 @@ impl Metrics {
                     &shared.loop_iterations,
                 ),
                 ("edgerelay_media_receive_calls_total", &shared.receive_calls),
-                ("edgerelay_media_gather_reads_total", &shared.gather_reads),
-                (
-                    "edgerelay_media_gather_expired_total",
-                    &shared.gather_expired,
-                ),
                 (
                     "edgerelay_media_datagrams_received_total",
                     &shared.datagrams_received,
@@ -178,13 +177,13 @@ impl Metrics {
         render_histogram(
             &mut text,
             "edgerelay_media_fanout_delay_seconds",
-            "From a media receive batch's arrival (kernel stamp) to the end of the sends it caused (per loop pass).",
+            "From the arrival (kernel stamp) of the oldest publisher packet a media loop pass fanned out to the end of its sends (per pass that fanned out any).",
             &shared.fanout_delay,
         );
         render_histogram(
             &mut text,
             "edgerelay_media_packet_fanout_delay_seconds",
-            "From a publisher packet's arrival (kernel stamp) to the end of its fan-out on a media thread (per packet).",
+            "From a publisher packet's arrival (kernel stamp) to the end of its fan-out on a media thread, a hold until its frame was whole included (per packet).",
             &shared.packet_delay,
         );
         text

@@ -53,8 +53,8 @@ pub struct EdgeArgs {
     /// media.span_viewers; 0 = never).
     #[arg(long)]
     pub span_viewers: Option<usize>,
-    /// Microseconds a media thread waits for the rest of a publisher's frame before
-    /// fanning it out (overrides media.gather_us; 0 = never wait).
+    /// Microseconds a room holds a video frame's packets waiting for its last one
+    /// (overrides media.gather_us; 0 = never hold).
     #[arg(long)]
     pub gather_us: Option<u64>,
     /// Node id (overrides node.id).
@@ -184,6 +184,12 @@ pub async fn start(cfg: &EdgeConfig) -> anyhow::Result<Edge> {
         direct_send: cfg.sfu.direct_send,
         bwe_initial_bps: cfg.sfu.bwe_initial_kbps * 1000,
         rtx_cache_age: Duration::from_millis(cfg.sfu.nack_history_ms),
+        // Not with one system call per datagram (the benchmark baseline).
+        gather: if cfg.media.batch_io {
+            Duration::from_micros(cfg.media.gather_us)
+        } else {
+            Duration::ZERO
+        },
         ..SfuConfig::default()
     };
     let sockets = media::bind_shards(cfg.media.listen, cfg.shard_count())?;
