@@ -22,7 +22,7 @@
 #   batched       str0m                             recvmmsg/sendmmsg + UDP GSO, bandwidth estimation
 #   batched_nobwe str0m, [sfu] bwe = false          no per-viewer bandwidth estimation
 #   direct_nogso  [media] gso = false               direct send path (SFU-sealed SRTP), no GSO
-#   direct        defaults                          direct send path + GSO + frame gathering (the shipped default)
+#   direct        defaults                          direct send path + GSO + frames held until whole (the shipped default)
 #   direct_rxgro  defaults, `loadtest --receiver-gro` as `direct`, but the loopback viewers
 #                 take UDP GRO: a GSO batch is delivered into a viewer socket whole instead of
 #                 datagram by datagram inside the edge's sendmmsg (what a NIC with segmentation
@@ -47,10 +47,10 @@
 #                 `ethtool`, `taskset` and 2+ CPUs (skipped otherwise). Any variant name
 #                 with the suffix `_nic` runs on this model (`span2_nic`: pin the edge to
 #                 more CPUs with NIC_EDGE_CPUS, e.g. 0-1).
-#   direct_nogather  [media] gather_us = 0: the media thread fans out whatever each receive
-#                 brought instead of waiting (300 µs by default) for the rest of a
-#                 publisher's frame (direct_nogather_rxgro, direct_nogather_nic: the
-#                 same on those models)
+#   direct_nogather  [media] gather_us = 0: each publisher packet is fanned out as it
+#                 comes, instead of its room holding a video frame's packets until the
+#                 last one (at most 20 ms by default) and sending the frame whole
+#                 (direct_nogather_rxgro, direct_nogather_nic: the same on those models)
 #   one_thread2   [media] threads = 2, span_viewers = 0: two media threads, the room on one
 #                 (the baseline for span2)
 #   span2         [media] threads = 2, span_viewers = 1: the room spans both threads (its
@@ -309,7 +309,6 @@ fragment() {
     direct_nogso) echo $'[media]\ngso = false' ;;
     direct | direct_rxgro | direct_rps | direct_nic) echo '' ;;
     direct_nogather | direct_nogather_rxgro | direct_nogather_nic) echo $'[media]\ngather_us = 0' ;;
-    direct_gather20ms | direct_gather20ms_rxgro | direct_gather20ms_nic) echo $'[media]\ngather_us = 20000' ;;
     one_thread2 | one_thread2_rxgro | one_thread2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 0' ;;
     span2 | span2_rxgro | span2_nic) echo $'[media]\nthreads = 2\nspan_viewers = 1' ;;
     *) echo "unknown variant $1" >&2; return 1 ;;

@@ -165,3 +165,44 @@ fn departed_packets_count_their_delay_from_the_drivers_stamp() {
         "each packet with its own arrival"
     );
 }
+
+/// Holds are per room: a frame one room holds does not keep another room's
+/// frame, on the same core, from leaving.
+#[test]
+fn one_rooms_hold_does_not_delay_another_room() {
+    let mut w = World::new(SfuConfig {
+        direct_send: true,
+        gather: Duration::from_millis(20),
+        ..SfuConfig::default()
+    });
+    let pa = w.publish("a");
+    let va = w.view("a");
+    let pb = w.publish("b");
+    let vb = w.view("b");
+    w.connect_all();
+    for f in 0..10 {
+        w.write_frame(pa, None, f, f == 0, 0);
+        w.write_frame(pb, None, f, f == 0, 0);
+        w.advance(Duration::from_millis(33));
+    }
+    assert!(!w.clients[va].frames.is_empty() && !w.clients[vb].frames.is_empty());
+    w.write_frame(pa, None, 10, false, FRAME_BYTES);
+    let a = w.take_rtp(pa);
+    w.write_frame(pb, None, 10, false, FRAME_BYTES);
+    let b = w.take_rtp(pb);
+    let sent = w.sfu.stats().direct_out;
+    let (before_a, before_b) = (w.clients[va].frames.len(), w.clients[vb].frames.len());
+    // Room a's frame without its last packet, then room b's whole frame.
+    hand_in(&mut w, &a[..a.len() - 1]);
+    hand_in(&mut w, &b);
+    assert_eq!(
+        w.sfu.stats().direct_out,
+        sent + b.len() as u64,
+        "b's frame left; a's is held"
+    );
+    hand_in(&mut w, &a[a.len() - 1..]);
+    assert_eq!(w.sfu.stats().direct_out, sent + (a.len() + b.len()) as u64);
+    w.advance(Duration::from_millis(30));
+    assert_eq!(w.clients[va].frames.len(), before_a + 1);
+    assert_eq!(w.clients[vb].frames.len(), before_b + 1);
+}
