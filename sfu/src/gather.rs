@@ -16,10 +16,11 @@
 //! - the packet that carries the marker releases the frame, itself included;
 //! - the deadline releases what is held (the paced tail of a large keyframe goes
 //!   out in chunks of at most `window`); the next packet starts a new hold;
-//! - a packet of another frame (timestamp or layer) releases what is held, since
-//!   the marker will not come (lost, or a sender that never sets it). Such a room
-//!   stops holding for [`CUT_BACKOFF`], so a stream without markers is not
-//!   delayed by a frame each time;
+//! - a packet of a later frame (timestamp) or another layer releases what is
+//!   held, since the marker will not come (lost, or a sender that never sets it).
+//!   Such a room stops holding for [`CUT_BACKOFF`], so a stream without markers is
+//!   not delayed by a frame each time. A late packet of an *earlier* frame (a
+//!   resend) passes without touching the hold;
 //! - at most [`MAX_HELD`] packets are held.
 //!
 //! Order is kept: held packets leave before the packet that released them.
@@ -86,6 +87,12 @@ impl<T> FrameHold<T> {
         out: &mut Vec<T>,
     ) -> Offer {
         if !self.packets.is_empty() && self.frame != (layer, ts) {
+            if layer == self.frame.0 && (ts.wrapping_sub(self.frame.1) as i32) < 0 {
+                // A late packet of an earlier frame (a resend the publisher was
+                // asked for): it goes on at once, and the hold stays.
+                out.push(pkt);
+                return Offer::Passed;
+            }
             self.release(out);
             self.off_until = Some(now + CUT_BACKOFF);
             out.push(pkt);
@@ -233,6 +240,26 @@ mod tests {
             Offer::Held(Some(_))
         ));
         assert_eq!(out, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_resend_of_an_earlier_frame_passes_and_the_hold_stays() {
+        let t0 = Instant::now();
+        let mut h = FrameHold::default();
+        let mut out = Vec::new();
+        h.offer(t0, W, 0, 3000, false, 1, &mut out);
+        assert_eq!(h.offer(t0, W, 0, 0, false, 2, &mut out), Offer::Passed);
+        assert_eq!(out, [2]);
+        assert_eq!(h.offer(t0, W, 0, 3000, true, 3, &mut out), Offer::Whole);
+        assert_eq!(out, [2, 1, 3]);
+        // Across the timestamp's wrap.
+        h.offer(t0, W, 0, 100, false, 4, &mut out);
+        assert_eq!(
+            h.offer(t0, W, 0, u32::MAX - 2900, false, 5, &mut out),
+            Offer::Passed
+        );
+        assert_eq!(h.offer(t0, W, 0, 3100, false, 6, &mut out), Offer::Cut);
+        assert_eq!(out, [2, 1, 3, 5, 4, 6]);
     }
 
     #[test]
