@@ -42,6 +42,12 @@ def test_direct_send_to_chromium_and_aiortc(edge_factory, request, tmp_path):
             assert direct > 0.8 * out > 0, (
                 f"direct {direct} of {out} RTP packets: "
                 f"{ {k: v for k, v in m.items() if 'direct' in k or 'rtp_packets' in k} }")
+            # The room held aiortc's multi-packet frames (its keyframes at least)
+            # until their last packet, and aiortc marks every frame's end: no hold
+            # ended without it (a cut would stop the room's holds for a second).
+            gather = {k: v for k, v in m.items() if "gather" in k}
+            assert _total(m, "edgerelay_gather_frames_total") > 0, f"no frame held: {gather}"
+            assert _total(m, "edgerelay_gather_cut_total") == 0, f"a hold was cut: {gather}"
             edge.assert_alive()
         finally:
             if viewer:
