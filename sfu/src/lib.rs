@@ -12,8 +12,11 @@
 //! `direct`) or by str0m in its RTP mode (viewers of simulcast rooms, whose layer
 //! follows str0m's bandwidth estimate).
 //!
-//! The publisher packets of one receive batch are held and fanned out viewer by
-//! viewer (each viewer's state is loaded once per batch), in slices of a few
+//! A room holds its video packets until their frame is whole (module `gather`:
+//! until the RTP marker, the next frame, or `SfuConfig::gather`), so a frame that
+//! arrives in pieces, or paced a packet at a time, still leaves to each viewer in
+//! one send. The publisher packets of one receive batch are held and fanned out
+//! viewer by viewer (each viewer's state is loaded once per batch), in slices of a few
 //! hundred datagrams that [`Sfu::poll_transmit`] hands to the driver before
 //! sealing the next: the sealed buffers are still in cache when the kernel copies
 //! them, and memory in flight stays small whatever the room's size. The driver
@@ -124,7 +127,7 @@ pub struct SfuConfig {
     /// str0m's path to have their layer chosen).
     pub direct_send: bool,
     /// Longest a room holds a video frame's packets waiting for its last one
-    /// (the RTP marker), so each viewer gets the frame in one send ([`gather`]);
+    /// (the RTP marker), so each viewer gets the frame in one send (module `gather`);
     /// zero holds nothing.
     pub gather: Duration,
 }
