@@ -9,15 +9,16 @@
 //! a frame over ten milliseconds or more, and without holding each viewer's copy of
 //! each packet is a send of its own, about three times the cost.
 //!
-//! The rule, per room (a room's own state, so one room's frame never delays
-//! another's on the same thread):
+//! The rule, per layer of a room (its own state, so one room's frame never delays
+//! another's on the same thread, and a simulcast publisher's interleaved layers
+//! are held each on its own):
 //! - a video packet without the RTP marker is held; the first one held sets a
 //!   deadline `window` later;
 //! - the packet that carries the marker releases the frame, itself included;
 //! - the deadline releases what is held (the paced tail of a large keyframe goes
 //!   out in chunks of at most `window`); the next packet starts a new hold;
-//! - a packet of a later frame (timestamp) or another layer releases what is
-//!   held, since the marker will not come (lost, or a sender that never sets it).
+//! - a packet of a later frame (timestamp) releases what is held, since the
+//!   marker will not come (lost, or a sender that never sets it).
 //!   Such a room stops holding for [`CUT_BACKOFF`], so a stream without markers is
 //!   not delayed by a frame each time. A late packet of an *earlier* frame (a
 //!   resend) passes without touching the hold;
@@ -49,12 +50,12 @@ pub(crate) enum Offer {
     Full,
 }
 
-/// One room's held video packets.
+/// One layer's held video packets.
 #[derive(Debug)]
 pub(crate) struct FrameHold<T> {
     packets: Vec<T>,
-    /// Layer and RTP timestamp of the held frame.
-    frame: (usize, u32),
+    /// RTP timestamp of the held frame.
+    frame: u32,
     /// When the held packets go out at the latest.
     until: Option<Instant>,
     /// No holding before this (a frame ended without its marker).
@@ -65,7 +66,7 @@ impl<T> Default for FrameHold<T> {
     fn default() -> Self {
         FrameHold {
             packets: Vec::new(),
-            frame: (0, 0),
+            frame: 0,
             until: None,
             off_until: None,
         }
@@ -73,21 +74,19 @@ impl<T> Default for FrameHold<T> {
 }
 
 impl<T> FrameHold<T> {
-    /// Offers a video packet of `layer` with RTP timestamp `ts`. Whatever leaves
-    /// (the packet, held packets before it) is appended to `out`, in order.
-    #[allow(clippy::too_many_arguments)]
+    /// Offers a video packet with RTP timestamp `ts`. Whatever leaves (the
+    /// packet, held packets before it) is appended to `out`, in order.
     pub(crate) fn offer(
         &mut self,
         now: Instant,
         window: Duration,
-        layer: usize,
         ts: u32,
         marker: bool,
         pkt: T,
         out: &mut Vec<T>,
     ) -> Offer {
-        if !self.packets.is_empty() && self.frame != (layer, ts) {
-            if layer == self.frame.0 && (ts.wrapping_sub(self.frame.1) as i32) < 0 {
+        if !self.packets.is_empty() && self.frame != ts {
+            if (ts.wrapping_sub(self.frame) as i32) < 0 {
                 // A late packet of an earlier frame (a resend the publisher was
                 // asked for): it goes on at once, and the hold stays.
                 out.push(pkt);
@@ -113,7 +112,7 @@ impl<T> FrameHold<T> {
         }
         self.packets.push(pkt);
         if self.packets.len() == 1 {
-            self.frame = (layer, ts);
+            self.frame = ts;
             let until = now + window;
             self.until = Some(until);
             return Offer::Held(Some(until));
@@ -168,23 +167,20 @@ mod tests {
         let mut h = FrameHold::default();
         let mut out = Vec::new();
         assert_eq!(
-            h.offer(t0, W, 0, 90, false, 1, &mut out),
+            h.offer(t0, W, 90, false, 1, &mut out),
             Offer::Held(Some(ms(t0, 20)))
         );
         assert_eq!(
-            h.offer(ms(t0, 3), W, 0, 90, false, 2, &mut out),
+            h.offer(ms(t0, 3), W, 90, false, 2, &mut out),
             Offer::Held(None)
         );
         assert!(out.is_empty());
-        assert_eq!(
-            h.offer(ms(t0, 6), W, 0, 90, true, 3, &mut out),
-            Offer::Whole
-        );
+        assert_eq!(h.offer(ms(t0, 6), W, 90, true, 3, &mut out), Offer::Whole);
         assert_eq!(out, [1, 2, 3]);
         assert_eq!(h.deadline(), None);
         // A one-packet frame passes at once.
         assert_eq!(
-            h.offer(ms(t0, 30), W, 0, 180, true, 4, &mut out),
+            h.offer(ms(t0, 30), W, 180, true, 4, &mut out),
             Offer::Passed
         );
         assert_eq!(out, [1, 2, 3, 4]);
@@ -195,27 +191,24 @@ mod tests {
         let t0 = Instant::now();
         let mut h = FrameHold::default();
         let mut out = Vec::new();
-        let Offer::Held(Some(d)) = h.offer(t0, W, 0, 90, false, 1, &mut out) else {
+        let Offer::Held(Some(d)) = h.offer(t0, W, 90, false, 1, &mut out) else {
             panic!("not held");
         };
-        h.offer(ms(t0, 10), W, 0, 90, false, 2, &mut out);
+        h.offer(ms(t0, 10), W, 90, false, 2, &mut out);
         assert!(!h.expire(ms(t0, 19), d, &mut out), "before its time");
         assert!(h.expire(ms(t0, 20), d, &mut out));
         assert_eq!(out, [1, 2]);
         assert!(!h.expire(ms(t0, 21), d, &mut out), "twice");
         // The same frame goes on: a new hold, a new deadline.
         assert_eq!(
-            h.offer(ms(t0, 25), W, 0, 90, false, 3, &mut out),
+            h.offer(ms(t0, 25), W, 90, false, 3, &mut out),
             Offer::Held(Some(ms(t0, 45)))
         );
         assert!(
             !h.expire(ms(t0, 50), d, &mut out),
             "a stale deadline does nothing"
         );
-        assert_eq!(
-            h.offer(ms(t0, 30), W, 0, 90, true, 4, &mut out),
-            Offer::Whole
-        );
+        assert_eq!(h.offer(ms(t0, 30), W, 90, true, 4, &mut out), Offer::Whole);
         assert_eq!(out, [1, 2, 3, 4]);
     }
 
@@ -224,19 +217,16 @@ mod tests {
         let t0 = Instant::now();
         let mut h = FrameHold::default();
         let mut out = Vec::new();
-        h.offer(t0, W, 0, 90, false, 1, &mut out);
-        assert_eq!(
-            h.offer(ms(t0, 5), W, 0, 180, false, 2, &mut out),
-            Offer::Cut
-        );
+        h.offer(t0, W, 90, false, 1, &mut out);
+        assert_eq!(h.offer(ms(t0, 5), W, 180, false, 2, &mut out), Offer::Cut);
         assert_eq!(out, [1, 2]);
         assert_eq!(
-            h.offer(ms(t0, 6), W, 0, 180, false, 3, &mut out),
+            h.offer(ms(t0, 6), W, 180, false, 3, &mut out),
             Offer::Passed
         );
         let later = t0 + CUT_BACKOFF + Duration::from_millis(10);
         assert!(matches!(
-            h.offer(later, W, 0, 270, false, 4, &mut out),
+            h.offer(later, W, 270, false, 4, &mut out),
             Offer::Held(Some(_))
         ));
         assert_eq!(out, [1, 2, 3]);
@@ -247,29 +237,19 @@ mod tests {
         let t0 = Instant::now();
         let mut h = FrameHold::default();
         let mut out = Vec::new();
-        h.offer(t0, W, 0, 3000, false, 1, &mut out);
-        assert_eq!(h.offer(t0, W, 0, 0, false, 2, &mut out), Offer::Passed);
+        h.offer(t0, W, 3000, false, 1, &mut out);
+        assert_eq!(h.offer(t0, W, 0, false, 2, &mut out), Offer::Passed);
         assert_eq!(out, [2]);
-        assert_eq!(h.offer(t0, W, 0, 3000, true, 3, &mut out), Offer::Whole);
+        assert_eq!(h.offer(t0, W, 3000, true, 3, &mut out), Offer::Whole);
         assert_eq!(out, [2, 1, 3]);
         // Across the timestamp's wrap.
-        h.offer(t0, W, 0, 100, false, 4, &mut out);
+        h.offer(t0, W, 100, false, 4, &mut out);
         assert_eq!(
-            h.offer(t0, W, 0, u32::MAX - 2900, false, 5, &mut out),
+            h.offer(t0, W, u32::MAX - 2900, false, 5, &mut out),
             Offer::Passed
         );
-        assert_eq!(h.offer(t0, W, 0, 3100, false, 6, &mut out), Offer::Cut);
+        assert_eq!(h.offer(t0, W, 3100, false, 6, &mut out), Offer::Cut);
         assert_eq!(out, [2, 1, 3, 5, 4, 6]);
-    }
-
-    #[test]
-    fn another_layer_is_another_frame() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
-        h.offer(t0, W, 0, 90, false, 1, &mut out);
-        assert_eq!(h.offer(t0, W, 1, 90, false, 2, &mut out), Offer::Cut);
-        assert_eq!(out, [1, 2]);
     }
 
     #[test]
@@ -279,12 +259,12 @@ mod tests {
         let mut out = Vec::new();
         for i in 0..MAX_HELD - 1 {
             assert!(matches!(
-                h.offer(t0, W, 0, 90, false, i, &mut out),
+                h.offer(t0, W, 90, false, i, &mut out),
                 Offer::Held(_)
             ));
         }
         assert_eq!(
-            h.offer(t0, W, 0, 90, false, MAX_HELD - 1, &mut out),
+            h.offer(t0, W, 90, false, MAX_HELD - 1, &mut out),
             Offer::Full
         );
         assert_eq!(out, (0..MAX_HELD).collect::<Vec<_>>());
@@ -296,7 +276,7 @@ mod tests {
         let mut h = FrameHold::default();
         let mut out = Vec::new();
         assert_eq!(
-            h.offer(t0, Duration::ZERO, 0, 90, false, 1, &mut out),
+            h.offer(t0, Duration::ZERO, 90, false, 1, &mut out),
             Offer::Passed
         );
         assert_eq!(out, [1]);

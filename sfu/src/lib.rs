@@ -267,8 +267,9 @@ pub struct Sfu {
     pending: Vec<PendingRtp>,
     /// Where a fan-out that [`Sfu::poll_transmit`] paused stands.
     fan_at: FanCursor,
-    /// Deadlines of rooms' held frames ([`gather`]); stale entries are skipped.
-    hold_timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Deadlines of held frames ([`gather`]), with their room and layer; stale
+    /// entries are skipped.
+    hold_timers: BinaryHeap<Reverse<(Instant, Key, usize)>>,
     /// Arrival stamps of fanned-out packets, in runs of equal stamps, until the
     /// driver takes them ([`Sfu::take_departed`]).
     departed: Vec<(Instant, u32)>,
@@ -1389,19 +1390,20 @@ impl Sfu {
             // A packet joining a half-sent run would miss the viewers already served.
             self.fan_out(now, usize::MAX);
         }
-        let room = pk.room;
-        match self.rooms.get_mut(room) {
-            Some(r) if pk.track == VIDEO => {
-                let (layer, ts, marker) = (pk.layer, pk.cp.ts, pk.cp.marker);
+        let (room, layer) = (pk.room, pk.layer);
+        let hold = match self.rooms.get_mut(room) {
+            Some(r) if pk.track == VIDEO => r.tracks[VIDEO].layers.get_mut(layer),
+            _ => None,
+        };
+        match hold {
+            Some(l) => {
+                let (ts, marker) = (pk.cp.ts, pk.cp.marker);
                 let window = self.cfg.gather;
-                match r
-                    .hold
-                    .offer(now, window, layer, ts, marker, pk, &mut self.pending)
-                {
+                match l.hold.offer(now, window, ts, marker, pk, &mut self.pending) {
                     Offer::Passed => {}
                     Offer::Held(deadline) => {
                         if let Some(t) = deadline {
-                            self.hold_timers.push(Reverse((t, room)));
+                            self.hold_timers.push(Reverse((t, room, layer)));
                         }
                     }
                     Offer::Whole => self.stats.frames_gathered += 1,
@@ -1418,7 +1420,7 @@ impl Sfu {
 
     /// Releases the held frames whose deadline has come.
     fn expire_holds(&mut self, now: Instant) {
-        while let Some(&Reverse((t, rk))) = self.hold_timers.peek() {
+        while let Some(&Reverse((t, rk, layer))) = self.hold_timers.peek() {
             if t > now {
                 break;
             }
@@ -1426,8 +1428,8 @@ impl Sfu {
             if self.fan_at.paused() {
                 self.fan_out(now, usize::MAX);
             }
-            if let Some(r) = self.rooms.get_mut(rk) {
-                if r.hold.expire(now, t, &mut self.pending) {
+            if let Some(l) = held_layer(&mut self.rooms, rk, layer) {
+                if l.hold.expire(now, t, &mut self.pending) {
                     self.stats.gather_expired += 1;
                 }
             }
@@ -1439,11 +1441,8 @@ impl Sfu {
 
     /// The next deadline of a held frame, dropping stale entries on the way.
     fn next_hold_deadline(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((t, rk))) = self.hold_timers.peek() {
-            if self
-                .rooms
-                .get(rk)
-                .is_some_and(|r| r.hold.deadline() == Some(t))
+        while let Some(&Reverse((t, rk, layer))) = self.hold_timers.peek() {
+            if held_layer(&mut self.rooms, rk, layer).is_some_and(|l| l.hold.deadline() == Some(t))
             {
                 return Some(t);
             }
@@ -1928,6 +1927,13 @@ fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
     if track == VIDEO {
         tx.set_unpaced(!tuning.paced);
     }
+}
+
+/// A room's video layer, where its held packets are ([`gather`]).
+fn held_layer(rooms: &mut Slab<Room>, room: Key, layer: usize) -> Option<&mut room::Layer> {
+    rooms
+        .get_mut(room)
+        .and_then(|r| r.tracks[VIDEO].layers.get_mut(layer))
 }
 
 /// One publisher packet waiting for [`Sfu::fan_out`] (or held by its room until

@@ -67,6 +67,9 @@ pub struct Layer {
     pub timeline: Timeline,
     /// Incoming bitrate.
     pub rate: RateMeter,
+    /// Video packets held until their frame is whole ([`crate::gather`]); one
+    /// hold per layer, since a simulcast publisher interleaves its layers' frames.
+    pub(crate) hold: FrameHold<PendingRtp>,
 }
 
 /// A track of the room (video or audio) as published.
@@ -121,8 +124,6 @@ pub struct Room {
     pub mirror: bool,
     /// The publisher's packets are also copied out for mirrors on other cores.
     pub exported: bool,
-    /// Video packets held until their frame is whole ([`crate::gather`]).
-    pub(crate) hold: FrameHold<PendingRtp>,
 }
 
 impl Room {
@@ -140,7 +141,6 @@ impl Room {
             pt_specs: Vec::new(),
             mirror: false,
             exported: false,
-            hold: FrameHold::default(),
         }
     }
 
@@ -157,12 +157,12 @@ impl Room {
     pub fn publisher_gone(&mut self) {
         self.publisher = None;
         self.pt_specs.clear();
-        // The rest of a frame of a stream that is gone.
-        self.hold.clear();
         for t in &mut self.tracks {
             t.mid = None;
             for l in &mut t.layers {
                 l.gop.invalidate();
+                // The rest of a frame of a stream that is gone.
+                l.hold.clear();
             }
         }
     }

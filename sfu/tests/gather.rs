@@ -206,3 +206,59 @@ fn one_rooms_hold_does_not_delay_another_room() {
     assert_eq!(w.clients[va].frames.len(), before_a + 1);
     assert_eq!(w.clients[vb].frames.len(), before_b + 1);
 }
+
+/// A simulcast publisher interleaves its layers' packets: each layer's frame is
+/// held on its own until its own last packet, and no layer's packet cuts another's
+/// hold.
+#[test]
+fn a_simulcast_publishers_layers_are_held_each_on_its_own() {
+    let mut w = World::new(SfuConfig {
+        gather: Duration::from_millis(20),
+        ..SfuConfig::default()
+    });
+    let p = w.publish_simulcast("r", &["h", "l"]);
+    let v = w.view("r");
+    w.connect_all();
+    for f in 0..30 {
+        w.write_frame(p, Some("h"), f, f == 0, 8_000);
+        w.write_frame(p, Some("l"), f, f == 0, 3_000);
+        w.advance(Duration::from_millis(33));
+    }
+    assert!(
+        !w.clients[v].frames.is_empty(),
+        "the viewer decodes a layer"
+    );
+    // Each layer's frame, taken from the publisher (its pacer may need a few ms).
+    let take = |w: &mut World, rid: &str, bytes: usize| {
+        w.write_frame(p, Some(rid), 30, false, bytes);
+        let mut rtp = Vec::new();
+        for _ in 0..50 {
+            rtp.extend(w.take_rtp(p));
+            if rtp.last().is_some_and(|d: &Datagram| d.2[1] & 0x80 != 0) {
+                break;
+            }
+        }
+        rtp
+    };
+    let h = take(&mut w, "h", 8_000);
+    let l = take(&mut w, "l", 3_000);
+    assert!(
+        h.len() >= 3 && l.len() >= 2,
+        "{} and {} packets",
+        h.len(),
+        l.len()
+    );
+    let (sent, gathered) = (w.sfu.stats().rtp_out, w.sfu.stats().frames_gathered);
+    let mut interleaved = Vec::new();
+    for i in 0..h.len().max(l.len()) - 1 {
+        interleaved.extend(h.get(i).filter(|_| i + 1 < h.len()).cloned());
+        interleaved.extend(l.get(i).filter(|_| i + 1 < l.len()).cloned());
+    }
+    hand_in(&mut w, &interleaved);
+    assert_eq!(w.sfu.stats().gather_cut, 0, "no layer cut the other's hold");
+    assert_eq!(w.sfu.stats().rtp_out, sent, "both frames held");
+    hand_in(&mut w, &[h[h.len() - 1].clone(), l[l.len() - 1].clone()]);
+    assert_eq!(w.sfu.stats().frames_gathered, gathered + 2);
+    assert!(w.sfu.stats().rtp_out > sent, "the viewer's layer left");
+    assert_eq!(w.sfu.stats().gather_cut, 0);
+}
