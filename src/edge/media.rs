@@ -1121,10 +1121,9 @@ impl Engine {
                             .fetch_add(feed.len() as u64, Ordering::Relaxed);
                         continue;
                     }
-                    if self.sfu.feed(now, &feed) {
-                        let t = feed.received_at();
-                        self.received_at = Some(self.received_at.map_or(t, |r| r.min(t)));
-                    }
+                    // (The feed's packets keep the home's arrival stamp for their
+                    // fan-out delay: `Sfu::take_departed`.)
+                    self.sfu.feed(now, &feed);
                 }
                 ShardMsg::Subscribe { room, shard } => self.add_subscriber(now, &room, shard),
                 ShardMsg::Unsubscribe { room, shard } => {
