@@ -270,6 +270,62 @@ mod tests {
         assert_eq!(out, (0..MAX_HELD).collect::<Vec<_>>());
     }
 
+    /// Random offers, markers, resends, frame changes and deadlines: no packet is
+    /// lost or sent twice, a frame's packets keep their order, a hold never
+    /// outlives its deadline once expired, and never exceeds [`MAX_HELD`].
+    #[test]
+    fn random_streams_keep_every_packet_once_and_in_order() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let t0 = Instant::now();
+        let mut h = FrameHold::default();
+        let mut out: Vec<(u32, usize)> = Vec::new();
+        let (mut now, mut ts, mut id) = (t0, 0u32, 0usize);
+        let mut offered = Vec::new();
+        for _ in 0..20_000 {
+            now += Duration::from_micros(rand(4_000));
+            let frame_ts = match rand(40) {
+                0 => ts.wrapping_sub(3000), // a resend of the frame before
+                1..=6 => {
+                    ts = ts.wrapping_add(3000); // the next frame (the last one may have lost its marker)
+                    ts
+                }
+                _ => ts,
+            };
+            let marker = rand(6) == 0;
+            offered.push((frame_ts, id));
+            h.offer(now, W, frame_ts, marker, (frame_ts, id), &mut out);
+            id += 1;
+            assert!(h.packets.len() < MAX_HELD);
+            if let Some(d) = h.deadline() {
+                if rand(3) == 0 && now >= d {
+                    assert!(h.expire(now, d, &mut out));
+                    assert!(h.packets.is_empty() && h.deadline().is_none());
+                }
+                assert!(d <= now + W);
+            }
+            assert_eq!(out.len() + h.packets.len(), id, "lost or duplicated");
+        }
+        out.append(&mut h.packets);
+        let mut seen = vec![false; id];
+        for &(_, i) in &out {
+            assert!(!std::mem::replace(&mut seen[i], true), "packet {i} twice");
+        }
+        // Per frame (timestamp), the order of arrival.
+        let mut last: std::collections::HashMap<u32, usize> = Default::default();
+        for &(t, i) in &out {
+            if let Some(prev) = last.insert(t, i) {
+                assert!(prev < i, "frame {t}: {i} after {prev}");
+            }
+        }
+        assert_eq!(offered.len(), out.len());
+    }
+
     #[test]
     fn a_zero_window_holds_nothing() {
         let t0 = Instant::now();
