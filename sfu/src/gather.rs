@@ -3,7 +3,8 @@
 //! path) instead of a run per piece the frame arrived in.
 //!
 //! A viewer cannot decode a frame before its last packet anyway, so the wait costs
-//! a viewer nothing it would not wait for; what it saves is the edge's CPU. A
+//! a viewer little (the frame's fan-out starts at its last packet instead of
+//! overlapping its arrival); what it saves is the edge's CPU. A
 //! publisher that bursts its frames (today's libwebrtc, GStreamer, aiortc) arrives
 //! in two or three receives; one that paces every packet (older libwebrtc) spreads
 //! a frame over ten milliseconds or more, and without holding each viewer's copy of
@@ -19,7 +20,7 @@
 //!   out in chunks of at most `window`); the next packet starts a new hold;
 //! - a packet of a later frame (timestamp) releases what is held, since the
 //!   marker will not come (lost, or a sender that never sets it).
-//!   Such a room stops holding for [`CUT_BACKOFF`], so a stream without markers is
+//!   Such a layer stops holding for [`CUT_BACKOFF`], so a stream without markers is
 //!   not delayed by a frame each time. A late packet of an *earlier* frame (a
 //!   resend) passes without touching the hold;
 //! - at most [`MAX_HELD`] packets are held.
@@ -28,10 +29,10 @@
 
 use std::time::{Duration, Instant};
 
-/// Most packets one room holds: a large keyframe leaves in chunks of this many.
+/// Most packets one layer holds: a large keyframe leaves in chunks of this many.
 pub(crate) const MAX_HELD: usize = 96;
 
-/// How long a room stops holding after a frame ended without its marker.
+/// How long a layer stops holding after a frame ended without its marker.
 pub(crate) const CUT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What offering a packet did.
@@ -43,7 +44,7 @@ pub(crate) enum Offer {
     Held(Option<Instant>),
     /// It carried the marker and released its frame with it.
     Whole,
-    /// It belongs to another frame: the held packets were released without their
+    /// It belongs to a later frame: the held packets were released without their
     /// marker, and holding is off for a while. The packet itself passed.
     Cut,
     /// The hold was full and was released, this packet with it.

@@ -103,8 +103,8 @@ pub struct SfuStats {
     /// Holds released at their deadline, before the frame's last packet (a
     /// publisher that paces a frame over longer than the window).
     pub gather_expired: u64,
-    /// Holds released by a packet of another frame: the marker never came (lost,
-    /// or a sender that never sets it); the room stops holding for a second.
+    /// Holds released by a packet of a later frame: the marker never came (lost,
+    /// or a sender that never sets it); that layer stops holding for a second.
     pub gather_cut: u64,
     /// Holds released because they were full (a large keyframe).
     pub gather_full: u64,
