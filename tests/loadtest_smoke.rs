@@ -130,23 +130,21 @@ fn loadtest_ten_viewers_all_receive() {
 #[test]
 fn loadtest_spawned_edge_with_bench_source_measures_delay() {
     let cache = std::env::temp_dir().join(format!("loadtest_smoke_{}.loop", std::process::id()));
-    let out = run_loadtest(&[
-        "--spawn-edge",
-        "--viewers",
-        "5",
-        "--seconds",
-        "3",
-        "--settle-seconds",
-        "1",
-        "--source-width",
-        "320",
-        "--source-height",
-        "180",
-        "--source-bitrate-kbps",
-        "500",
-        "--source-cache",
-        cache.to_str().expect("utf-8 temp path"),
-    ]);
+    let out = run_loadtest(
+        &[
+            &[
+                "--spawn-edge",
+                "--viewers",
+                "5",
+                "--seconds",
+                "3",
+                "--settle-seconds",
+                "1",
+            ][..],
+            &small_source("500", &cache),
+        ]
+        .concat(),
+    );
     let _ = std::fs::remove_file(&cache);
     let r = json_report(&out);
     assert_eq!(r["viewers_receiving_steady"], 5, "{r}");
@@ -208,34 +206,32 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
     let edge = start_edge_with_config(&cfg);
     let http = edge.http();
     let cache = dir.join("source.loop");
-    let out = run_loadtest(&[
-        "--whep",
-        &format!("{http}/whep/relay"),
-        "--token",
-        "smoke-view",
-        "--relay",
-        "udp",
-        "--viewers",
-        "4",
-        "--seconds",
-        "3",
-        "--settle-seconds",
-        "1",
-        "--server-pid",
-        &edge.pid().to_string(),
-        "--source-whip",
-        &format!("{http}/whip/relay"),
-        "--source-token",
-        "smoke-pub",
-        "--source-width",
-        "320",
-        "--source-height",
-        "180",
-        "--source-bitrate-kbps",
-        "500",
-        "--source-cache",
-        cache.to_str().expect("utf-8 path"),
-    ]);
+    let out = run_loadtest(
+        &[
+            &[
+                "--whep",
+                &format!("{http}/whep/relay"),
+                "--token",
+                "smoke-view",
+                "--relay",
+                "udp",
+                "--viewers",
+                "4",
+                "--seconds",
+                "3",
+                "--settle-seconds",
+                "1",
+                "--server-pid",
+                &edge.pid().to_string(),
+                "--source-whip",
+                &format!("{http}/whip/relay"),
+                "--source-token",
+                "smoke-pub",
+            ][..],
+            &small_source("500", &cache),
+        ]
+        .concat(),
+    );
     // The viewers deleted their allocations on the way out (Refresh, lifetime 0);
     // the gauge follows within the TURN thread's one-second sweep.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -279,6 +275,21 @@ fn loadtest_relayed_viewers_receive_through_the_builtin_turn() {
 }
 
 /// Runs `edgerelay loadtest` with `args` and `--json`, its log on the test's stderr.
+/// The bench source's flags for a small (320x180) stream of `kbps`, encoded once
+/// into `cache`.
+fn small_source<'a>(kbps: &'a str, cache: &'a std::path::Path) -> [&'a str; 8] {
+    [
+        "--source-width",
+        "320",
+        "--source-height",
+        "180",
+        "--source-bitrate-kbps",
+        kbps,
+        "--source-cache",
+        cache.to_str().expect("utf-8 path"),
+    ]
+}
+
 fn run_loadtest(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_edgerelay"))
         .arg("loadtest")
@@ -320,34 +331,32 @@ fn an_edge_that_gathers_a_paced_frame_sends_it_in_gso_runs() {
         // ~6 packets a frame, paced at 5 Mbit/s with no burst allowance: a frame's
         // packets arrive ~2 ms apart, over ~10 ms, inside a 20 ms gather (a
         // keyframe's do not: its wait runs out).
-        let out = run_loadtest(&[
-            "--whep",
-            &format!("{http}/whep/gather"),
-            "--token",
-            "smoke-view",
-            "--viewers",
-            "3",
-            "--seconds",
-            "3",
-            "--settle-seconds",
-            "1",
-            "--source-whip",
-            &format!("{http}/whip/gather"),
-            "--source-token",
-            "smoke-pub",
-            "--source-width",
-            "320",
-            "--source-height",
-            "180",
-            "--source-bitrate-kbps",
-            "1500",
-            "--source-pace-kbps",
-            "5000",
-            "--source-pace-burst-ms",
-            "0",
-            "--source-cache",
-            cache.to_str().expect("utf-8 path"),
-        ]);
+        let out = run_loadtest(
+            &[
+                &[
+                    "--whep",
+                    &format!("{http}/whep/gather"),
+                    "--token",
+                    "smoke-view",
+                    "--viewers",
+                    "3",
+                    "--seconds",
+                    "3",
+                    "--settle-seconds",
+                    "1",
+                    "--source-whip",
+                    &format!("{http}/whip/gather"),
+                    "--source-token",
+                    "smoke-pub",
+                    "--source-pace-kbps",
+                    "5000",
+                    "--source-pace-burst-ms",
+                    "0",
+                ][..],
+                &small_source("1500", &cache),
+            ]
+            .concat(),
+        );
         let metrics = http_get(&format!("{http}/metrics"));
         drop(edge);
         let r = json_report(&out);

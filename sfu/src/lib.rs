@@ -269,7 +269,7 @@ pub struct Sfu {
     fan_at: FanCursor,
     /// Deadlines of held frames ([`gather`]), with their room and layer; stale
     /// entries are skipped.
-    hold_timers: BinaryHeap<Reverse<(Instant, Key, usize)>>,
+    hold_timers: BinaryHeap<Reverse<(Instant, (Key, usize))>>,
     /// Arrival stamps of fanned-out packets, in runs of equal stamps, until the
     /// driver takes them ([`Sfu::take_departed`]).
     departed: Vec<(Instant, u32)>,
@@ -922,18 +922,21 @@ impl Sfu {
 
     /// When [`Sfu::handle_timeout`] must be called next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let hold = self.next_hold_deadline();
-        while let Some(Reverse((t, k))) = self.timers.peek().copied() {
-            match self.peers.get(k) {
-                Some(p) if p.next_timeout == Some(t) => {
-                    return Some(hold.map_or(t, |h| h.min(t)));
-                }
-                _ => {
-                    self.timers.pop();
-                }
-            }
+        let peers = &self.peers;
+        let peer = first_live(&mut self.timers, |t, k| {
+            peers.get(k).is_some_and(|p| p.next_timeout == Some(t))
+        });
+        let rooms = &self.rooms;
+        let hold = first_live(&mut self.hold_timers, |t, (rk, layer)| {
+            rooms
+                .get(rk)
+                .and_then(|r| r.tracks[VIDEO].layers.get(layer))
+                .is_some_and(|l| l.hold.deadline() == Some(t))
+        });
+        match (peer, hold) {
+            (Some(p), Some(h)) => Some(p.min(h)),
+            (p, h) => p.or(h),
         }
-        hold
     }
 
     fn mark_dirty(&mut self, key: Key) {
@@ -1403,7 +1406,7 @@ impl Sfu {
                     Offer::Passed => {}
                     Offer::Held(deadline) => {
                         if let Some(t) = deadline {
-                            self.hold_timers.push(Reverse((t, room, layer)));
+                            self.hold_timers.push(Reverse((t, (room, layer))));
                         }
                     }
                     Offer::Whole => self.stats.frames_gathered += 1,
@@ -1420,7 +1423,7 @@ impl Sfu {
 
     /// Releases the held frames whose deadline has come.
     fn expire_holds(&mut self, now: Instant) {
-        while let Some(&Reverse((t, rk, layer))) = self.hold_timers.peek() {
+        while let Some(&Reverse((t, (rk, layer)))) = self.hold_timers.peek() {
             if t > now {
                 break;
             }
@@ -1437,18 +1440,6 @@ impl Sfu {
         if self.pending.len() >= MAX_PENDING {
             self.fan_out(now, usize::MAX);
         }
-    }
-
-    /// The next deadline of a held frame, dropping stale entries on the way.
-    fn next_hold_deadline(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((t, rk, layer))) = self.hold_timers.peek() {
-            if held_layer(&mut self.rooms, rk, layer).is_some_and(|l| l.hold.deadline() == Some(t))
-            {
-                return Some(t);
-            }
-            self.hold_timers.pop();
-        }
-        None
     }
 
     /// Sends the publishers' packets received since the last call to every viewer
@@ -1927,6 +1918,22 @@ fn tune_tx(tx: &mut StreamTx, tuning: TxTuning, track: usize) {
     if track == VIDEO {
         tx.set_unpaced(!tuning.paced);
     }
+}
+
+/// The earliest entry of a lazily cleaned timer heap that `live` still owns
+/// (an entry goes stale when its owner re-arms, leaves or is done), dropping the
+/// stale ones on the way.
+fn first_live<K: Copy + Ord>(
+    heap: &mut BinaryHeap<Reverse<(Instant, K)>>,
+    live: impl Fn(Instant, K) -> bool,
+) -> Option<Instant> {
+    while let Some(&Reverse((t, k))) = heap.peek() {
+        if live(t, k) {
+            return Some(t);
+        }
+        heap.pop();
+    }
+    None
 }
 
 /// A room's video layer, where its held packets are ([`gather`]).
