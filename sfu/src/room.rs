@@ -105,7 +105,7 @@ pub struct Room {
     pub name: String,
     /// The publishing peer, if connected or connecting.
     pub publisher: Option<Key>,
-    /// Viewers in join order.
+    /// Viewers in fan-out order: the controller first, then the others in join order.
     pub viewers: Vec<Key>,
     /// The viewer whose input reaches the publisher.
     pub controller: Option<Key>,

@@ -339,3 +339,61 @@ fn sessions_share_one_dtls_certificate() {
         .expect("offer b");
     assert_eq!(fingerprint(&a.sdp), fingerprint(&b.sdp));
 }
+
+#[test]
+fn a_controller_that_joins_last_gets_each_frame_first() {
+    // The controller's input-to-photon latency is the session's: it is served before
+    // the spectators in every fan-out, wherever it joined. Here the first controller
+    // leaves and a viewer joining after every spectator takes the seat.
+    let mut w = world();
+    let p = w.publish("r");
+    let first = w.view("r");
+    let spectators: Vec<usize> = (0..5).map(|_| w.view("r")).collect();
+    w.connect_all();
+    let peer = w.clients[first].peer.expect("peer");
+    w.sfu.remove_peer(w.now, peer).expect("removed");
+    let ctl = w.view("r");
+    assert_eq!(w.clients[ctl].role, Some(Role::Controller));
+    w.blackhole.push(first);
+    w.connect_all_except(&[first]);
+    w.stream(p, 0, 30, 30);
+    w.write_frame(p, None, 30, false, 6000);
+    let rtp = w.take_rtp(p);
+    assert!(rtp.len() >= 4, "a frame of several packets: {}", rtp.len());
+    for (src, dst, d) in &rtp {
+        assert!(w.sfu.handle_datagram(w.now, *src, *dst, d));
+    }
+    // The frame's datagrams in the order the SFU emits them (RTP only: not RTCP,
+    // whose second byte is its packet type, 192-223; nor STUN or DTLS).
+    let mut order = Vec::new();
+    while let Some(t) = w.sfu.poll_transmit() {
+        let c = &t.contents;
+        if c.len() > 12 && (128..=191).contains(&c[0]) && !(192..=223).contains(&c[1]) {
+            order.push(t.destination);
+        }
+        w.deliver(&t);
+    }
+    let n = rtp.len();
+    assert_eq!(
+        order.len(),
+        n * 6,
+        "the frame to the controller and 5 spectators"
+    );
+    let ctl_addr = w.clients[ctl].addr;
+    assert!(
+        order[..n].iter().all(|a| *a == ctl_addr),
+        "the controller's copies go first: {:?}",
+        order.iter().position(|a| *a == ctl_addr)
+    );
+    for &s in &spectators {
+        let got = &w.clients[s].frames;
+        assert!(!got.is_empty(), "spectator {s} is served too");
+        assert_in_order(got, s);
+    }
+    w.advance(Duration::from_millis(100));
+    assert_eq!(
+        w.clients[ctl].frames.last().map(|f| f.time),
+        w.clients[spectators[0]].frames.last().map(|f| f.time),
+        "the controller has the frame the spectators have"
+    );
+}
