@@ -11,6 +11,8 @@
 #          delay_p50_ms=... frame_delay_p50_ms=... frame_delay_p99_ms=... (the viewers' one-way
 #          delay from the source's stamp in a frame to the frame's first packet, and to its
 #          last: when the frame can be decoded; wall clock, generator included)
+#          ctl_frame_p50_ms=... ctl_frame_p99_ms=... (the same to the last packet, of the
+#          room's controller only; with LOADTEST_ARGS="--controller-last" it joined last)
 # (gso_*, fanout_*, pkt_fanout_* and viewers_on_mirrors from the edge's /metrics, steady phase only: the difference between a
 # scrape once the joins are done and one at the end; the fan-out delay quantiles are
 # bucket upper bounds, per media loop iteration), and at the end the ratio of each
@@ -60,9 +62,12 @@
 # Environment: N=200 (viewers), STEADY=15 (measured seconds), JOIN_RATE=50,
 # NIC_EDGE_CPUS=0 and NIC_QUEUES=4 (the *_nic variants),
 # VARIANTS="baseline batched ..." (default: all, in that order),
-# EDGERELAY_BIN (default: cargo build --release), KEEP=dir (keep each variant's /metrics
+# EDGERELAY_BIN (default: cargo build --release), EDGE_BIN (the edge only, default
+# EDGERELAY_BIN: another build's edge against this build's load generator), KEEP=dir (keep each variant's /metrics
 # scrapes there), LOADTEST_ARGS (extra `edgerelay loadtest` flags for every variant, e.g.
-# "--source-pace-kbps 5000": the source paces its packets as a libwebrtc sender does). Loopback only; bounded in time.
+# "--source-pace-kbps 5000": the source paces its packets as a libwebrtc sender does;
+# "--controller-last": the controller joins after every spectator, and its own frame
+# delay is reported as ctl_frame_p50_ms / ctl_frame_p99_ms). Loopback only; bounded in time.
 # Note: on loopback the server's CPU also pays the kernel's delivery of each datagram to
 # the receiving client socket (and the wake-up of the client's thread); on a NIC it does not.
 set -euo pipefail
@@ -215,7 +220,7 @@ max_viewers_per_room = $((N > 1000 ? N : 1000))
 $fragment
 TOML
   # `ip netns exec` and `taskset` exec the edge: $! is the edge's pid.
-  "${ns[@]}" "${pin[@]}" "$EDGERELAY_BIN" edge --config "$dir/edge.toml" \
+  "${ns[@]}" "${pin[@]}" "${EDGE_BIN:-$EDGERELAY_BIN}" edge --config "$dir/edge.toml" \
     --media-listen "$ip:0" >"$dir/out" 2>"$dir/err" &
   local pid=$!
   for _ in $(seq 100); do grep -q EDGERELAY_READY "$dir/out" 2>/dev/null && break; sleep 0.1; done
@@ -294,6 +299,7 @@ print(f"RESULT variant={sys.argv[2]} n={sys.argv[3]} receiving={r.get('viewers_r
       f"delay_p50_ms={(r.get('delay_ms') or {}).get('p50')} "
       f"frame_delay_p50_ms={(r.get('frame_delay_ms') or {}).get('p50')} "
       f"frame_delay_p99_ms={(r.get('frame_delay_ms') or {}).get('p99')}"
+      + (f" ctl_frame_p50_ms={c['p50']} ctl_frame_p99_ms={c['p99']}" if (c := r.get('controller_frame_delay_ms') or {}).get('n') else "")
       + (f" kernel_threads_cpu_s={r['server_kernel_threads_cpu_seconds']}" if r.get('server_kernel_threads_cpu_seconds') is not None else ""))
 PY
 }

@@ -174,6 +174,41 @@ fn loadtest_spawned_edge_with_bench_source_measures_delay() {
     );
 }
 
+/// `--controller-last`: a placeholder holds the controller seat through the ramp and
+/// gives it up for the last viewer, whose frame delay is then reported on its own
+/// (one viewer's samples, not every viewer's).
+#[test]
+fn loadtest_controller_last_reports_the_controllers_own_delay() {
+    let cache = std::env::temp_dir().join(format!("loadtest_ctl_{}.loop", std::process::id()));
+    let out = run_loadtest(
+        &[
+            &[
+                "--spawn-edge",
+                "--viewers",
+                "4",
+                "--seconds",
+                "3",
+                "--settle-seconds",
+                "1",
+                "--controller-last",
+            ][..],
+            &small_source("500", &cache),
+        ]
+        .concat(),
+    );
+    let _ = std::fs::remove_file(&cache);
+    let r = json_report(&out);
+    assert_eq!(r["viewers_receiving_steady"], 4, "{r}");
+    assert_eq!(r["controller_last"], true, "{r}");
+    let all = r["frame_delay_ms"]["n"].as_u64().unwrap_or(0);
+    let ctl = r["controller_frame_delay_ms"]["n"].as_u64().unwrap_or(0);
+    assert!(ctl >= 10, "the last viewer is the controller: {r}");
+    assert!(
+        ctl * 2 < all,
+        "one viewer's frames of four ({ctl} of {all}): {r}"
+    );
+}
+
 /// Plain HTTP GET of `url` (`http://host:port/path`) on loopback; returns the body.
 fn http_get(url: &str) -> String {
     use std::io::{Read, Write};

@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use signal::{Janus, Teardown};
@@ -122,6 +123,13 @@ pub struct LoadtestArgs {
     /// receivers would do). Off: the conservative figure. Linux only.
     #[arg(long)]
     pub receiver_gro: bool,
+    /// The last viewer to join takes the controller seat, behind every spectator in
+    /// join order (as a controller that reconnects mid-session). Under a static
+    /// token's first-come rule a placeholder viewer holds the seat through the ramp
+    /// and leaves just before the last join. The controller's frame delay is
+    /// reported on its own either way. Needs --whep or --spawn-edge.
+    #[arg(long, conflicts_with = "janus")]
+    pub controller_last: bool,
     /// Seconds between samples of the server's RSS in the steady phase.
     #[arg(long, default_value_t = 1)]
     pub rss_interval: u64,
@@ -512,11 +520,42 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOINS));
     let mut joins = tokio::task::JoinSet::new();
+    // The placeholder holding the controller seat (--controller-last): a real viewer
+    // of its own counters, so that the server keeps its session through the ramp.
+    let mut placeholder = None;
+    anyhow::ensure!(
+        !args.controller_last || args.whep.is_some(),
+        "--controller-last needs --whep or --spawn-edge"
+    );
+    if let (true, Some(url)) = (args.controller_last, &args.whep) {
+        let spare = Arc::new(ViewerCounters::default());
+        let (mut nv, td) =
+            signal::join_whep(&client, url, args.token.as_deref(), local_ip, None, spare)
+                .await
+                .context("--controller-last: the placeholder viewer")?;
+        anyhow::ensure!(
+            nv.controller,
+            "--controller-last: the room's controller seat is already taken"
+        );
+        nv.controller = false; // (its frames are nobody's figures)
+        workers[0]
+            .tx
+            .send(nv)
+            .map_err(|_| anyhow::anyhow!("loadtest worker gone"))?;
+        placeholder = Some(td);
+    }
     let ramp_start = tokio::time::Instant::now();
     let mut last_progress = Instant::now();
     for (i, c) in counters.iter().enumerate() {
         let at = ramp_start + Duration::from_secs_f64(i as f64 / args.join_rate);
         tokio::time::sleep_until(at).await;
+        if i + 1 == args.viewers {
+            if let Some(td) = placeholder.take() {
+                // Every spectator seated first; then the seat is given up for the last.
+                while joins.join_next().await.is_some() {}
+                signal::teardown(&client, None, args.token.as_deref(), td).await;
+            }
+        }
         let permit = sem.clone().acquire_owned().await?;
         let tx = workers[i % nthreads].tx.clone();
         let (client, janus, whep, token, relay) = (
@@ -767,6 +806,10 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     let ms = |v: &[u32]| -> Vec<f64> { v.iter().map(|&d| f64::from(d) / 1000.0).collect() };
     let delay = Pct::of(&mut ms(&delays.first));
     let frame_delay = Pct::of(&mut ms(&delays.complete));
+    let controller_frame_delay = Pct::of(&mut ms(&delays.controller_complete));
+    if args.controller_last && controller_frame_delay.n == 0 {
+        eprintln!("warning: --controller-last: no frame reached a controller in the steady phase");
+    }
     // A kernel thread that went away (or never existed) voids the figure.
     let kernel_cpu_secs = match (kernel_a, kernel_b) {
         (Some(a), Some(b)) => Some(b - a),
@@ -932,6 +975,8 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
     if let (Some(r), Value::Object(e)) = (report.as_object_mut(), extra) {
         r.extend(e);
     }
+    report["controller_frame_delay_ms"] = controller_frame_delay.json();
+    report["controller_last"] = json!(args.controller_last);
     if args.json {
         println!("{report}");
     } else {
@@ -993,6 +1038,10 @@ fn print_table(r: &Value) {
         ("loss_pct_per_viewer", "loss % per viewer"),
         ("delay_ms", "one-way delay, frame's first packet (ms)"),
         ("frame_delay_ms", "one-way delay, frame complete (ms)"),
+        (
+            "controller_frame_delay_ms",
+            "  the controller's, frame complete (ms)",
+        ),
     ] {
         line(&mut o, name, fmt_pct(&r[k]));
     }

@@ -348,6 +348,7 @@ pub async fn join_whep(
             requested,
             counters,
             turn,
+            controller: ex.role.as_deref() == Some("controller"),
         },
         Teardown::Whep(ex.resource),
     ))
@@ -450,6 +451,7 @@ impl Janus {
                     requested,
                     counters,
                     turn: None,
+                    controller: false,
                 },
                 Teardown::Janus { session },
             )),

@@ -115,6 +115,9 @@ pub struct NewViewer {
     pub counters: Arc<ViewerCounters>,
     /// Relayed viewer: its TURN allocation (the socket talks only to the TURN server).
     pub turn: Option<TurnClient>,
+    /// The server seated it as the room's controller (its delays are also reported
+    /// on their own: the controller's latency is the session's).
+    pub controller: bool,
 }
 
 /// State shared by the controller and all workers.
@@ -137,6 +140,8 @@ pub struct Delays {
     pub first: Vec<u32>,
     /// To the frame's last packet (RTP marker): when a viewer can decode it.
     pub complete: Vec<u32>,
+    /// `complete`, of the controller only.
+    pub controller_complete: Vec<u32>,
 }
 
 impl Delays {
@@ -149,6 +154,7 @@ impl Delays {
     pub fn extend(&mut self, o: Delays) {
         self.first.extend(o.first);
         self.complete.extend(o.complete);
+        self.controller_complete.extend(o.controller_complete);
     }
 }
 
@@ -211,6 +217,7 @@ struct Viewer {
     key: KeyState,
     /// The RTP timestamp and source stamp of the frame being received.
     stamp: Option<(u32, u64)>,
+    controller: bool,
     dead: bool,
 }
 
@@ -362,6 +369,9 @@ impl Viewer {
             if let Some((ts, sent)) = self.stamp.take() {
                 if measuring && ts == pkt.header.timestamp {
                     Delays::push(&mut delays.complete, sent);
+                    if self.controller {
+                        Delays::push(&mut delays.controller_complete, sent);
+                    }
                 }
             }
         }
@@ -569,6 +579,7 @@ fn add_viewer(
         window: [0; (DEDUP_WINDOW / 64) as usize],
         key: KeyState::Waiting,
         stamp: None,
+        controller: nv.controller,
         dead: false,
     };
     v.drain(false, delays);
@@ -597,6 +608,7 @@ mod tests {
             window: [0; (DEDUP_WINDOW / 64) as usize],
             key: KeyState::Waiting,
             stamp: None,
+            controller: false,
             dead: false,
         }
     }
