@@ -261,9 +261,9 @@ pub struct Sfu {
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SfuEvent>,
-    /// Peers with something to send, in the order they are served (a fan-out's
-    /// viewers in fan-out order: the controller first).
-    dirty: VecDeque<Key>,
+    /// Peers with something to send; the last one is served first (a fan-out slice
+    /// puts its room's controller last, see [`Sfu::fan_out`]).
+    dirty: Vec<Key>,
     dead: Vec<Key>,
     /// Publisher packets waiting for the next [`Sfu::fan_out`].
     pending: Vec<PendingRtp>,
@@ -312,7 +312,7 @@ impl Sfu {
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            dirty: VecDeque::new(),
+            dirty: Vec::new(),
             dead: Vec::new(),
             pending: Vec::new(),
             fan_at: FanCursor::default(),
@@ -896,7 +896,7 @@ impl Sfu {
                 self.fan_out(now, FAN_OUT_CHUNK);
             }
             while self.transmits.is_empty() {
-                if let Some(k) = self.dirty.pop_front() {
+                if let Some(k) = self.dirty.pop() {
                     self.poll_peer(now, k);
                 } else if !self.pending.is_empty() {
                     // The next few viewers: their datagrams leave in the driver's next
@@ -952,14 +952,14 @@ impl Sfu {
         if let Some(p) = self.peers.get_mut(key) {
             if !p.dirty {
                 p.dirty = true;
-                self.dirty.push_back(key);
+                self.dirty.push(key);
             }
         }
     }
 
     fn run_dirty(&mut self, now: Instant) {
         self.fan_out(now, usize::MAX);
-        while let Some(k) = self.dirty.pop_front() {
+        while let Some(k) = self.dirty.pop() {
             self.poll_peer(now, k);
         }
         while let Some(k) = self.dead.pop() {
@@ -1477,6 +1477,10 @@ impl Sfu {
         } = self;
         let cx = &mut Cx { stats, pool };
         let mut spent = 0usize;
+        // The room's controller, held back from `dirty` until its slice ends: pushed
+        // last, it is served first (the others in the reverse of the visit, which
+        // keeps the viewer visited last, still in cache, first after it).
+        let mut controller = None;
         // Usually one room; a batch from several publishers goes room run by room run,
         // each in arrival order.
         while fan_at.run < pending.len() {
@@ -1494,6 +1498,7 @@ impl Sfu {
                 while let Some(&vk) = r.viewers.get(fan_at.viewer) {
                     if spent >= budget {
                         cx.stats.fanout_slices += 1;
+                        dirty.extend(controller);
                         return;
                     }
                     let i = fan_at.viewer;
@@ -1528,9 +1533,14 @@ impl Sfu {
                     spent += run.len();
                     if queued && !v.dirty {
                         v.dirty = true;
-                        dirty.push_back(vk);
+                        if r.controller == Some(vk) {
+                            controller = Some(vk);
+                        } else {
+                            dirty.push(vk);
+                        }
                     }
                 }
+                dirty.extend(controller.take());
             }
             *fan_at = FanCursor {
                 run: start + len,
@@ -1624,7 +1634,7 @@ impl Sfu {
         }
         if queued && !v.dirty {
             v.dirty = true;
-            dirty.push_back(key);
+            dirty.push(key);
         }
     }
 
