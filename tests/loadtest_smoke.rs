@@ -129,24 +129,7 @@ fn loadtest_ten_viewers_all_receive() {
 
 #[test]
 fn loadtest_spawned_edge_with_bench_source_measures_delay() {
-    let cache = std::env::temp_dir().join(format!("loadtest_smoke_{}.loop", std::process::id()));
-    let out = run_loadtest(
-        &[
-            &[
-                "--spawn-edge",
-                "--viewers",
-                "5",
-                "--seconds",
-                "3",
-                "--settle-seconds",
-                "1",
-            ][..],
-            &small_source("500", &cache),
-        ]
-        .concat(),
-    );
-    let _ = std::fs::remove_file(&cache);
-    let r = json_report(&out);
+    let r = spawned_run("delay", "5", &[]);
     assert_eq!(r["viewers_receiving_steady"], 5, "{r}");
     assert!(
         r["packets_per_viewer"]["min"]
@@ -179,25 +162,7 @@ fn loadtest_spawned_edge_with_bench_source_measures_delay() {
 /// (one viewer's samples, not every viewer's).
 #[test]
 fn loadtest_controller_last_reports_the_controllers_own_delay() {
-    let cache = std::env::temp_dir().join(format!("loadtest_ctl_{}.loop", std::process::id()));
-    let out = run_loadtest(
-        &[
-            &[
-                "--spawn-edge",
-                "--viewers",
-                "4",
-                "--seconds",
-                "3",
-                "--settle-seconds",
-                "1",
-                "--controller-last",
-            ][..],
-            &small_source("500", &cache),
-        ]
-        .concat(),
-    );
-    let _ = std::fs::remove_file(&cache);
-    let r = json_report(&out);
+    let r = spawned_run("ctl", "4", &["--controller-last"]);
     assert_eq!(r["viewers_receiving_steady"], 4, "{r}");
     assert_eq!(r["controller_last"], true, "{r}");
     let all = r["frame_delay_ms"]["n"].as_u64().unwrap_or(0);
@@ -323,6 +288,30 @@ fn small_source<'a>(kbps: &'a str, cache: &'a std::path::Path) -> [&'a str; 8] {
         "--source-cache",
         cache.to_str().expect("utf-8 path"),
     ]
+}
+
+/// The report of a 3 s loadtest of `viewers` against an edge it spawns itself, with
+/// the small bench source (its loop cached under `tag` for the run) and `extra` flags.
+fn spawned_run(tag: &str, viewers: &str, extra: &[&str]) -> serde_json::Value {
+    let cache = std::env::temp_dir().join(format!("loadtest_{tag}_{}.loop", std::process::id()));
+    let out = run_loadtest(
+        &[
+            &[
+                "--spawn-edge",
+                "--viewers",
+                viewers,
+                "--seconds",
+                "3",
+                "--settle-seconds",
+                "1",
+            ][..],
+            extra,
+            &small_source("500", &cache),
+        ]
+        .concat(),
+    );
+    let _ = std::fs::remove_file(&cache);
+    json_report(&out)
 }
 
 fn run_loadtest(args: &[&str]) -> std::process::Output {
