@@ -106,3 +106,71 @@ fn a_viewer_leaving_while_a_fan_out_is_paused_costs_the_others_nothing() {
         assert_in_order(f, v);
     }
 }
+
+#[test]
+fn a_frame_that_comes_in_during_a_paused_fan_out_reaches_the_controller_first() {
+    let (mut w, p, viewers) = world();
+    let (ctl, last) = (viewers[0], viewers[VIEWERS - 1]);
+    assert_eq!(w.clients[ctl].role, Some(edgerelay_sfu::Role::Controller));
+    frames(&mut w, p, 0..10);
+    // Frame 10 reaches the SFU whole; its fan-out to the 60 viewers pauses after the
+    // first slice.
+    w.write_frame(p, None, 10, false, FRAME_BYTES);
+    for (src, dst, d) in w.take_rtp(p) {
+        assert!(w.sfu.handle_datagram(w.now, src, dst, &d));
+    }
+    let mut sent = Vec::new();
+    let slices = w.sfu.stats().fanout_slices;
+    while w.sfu.stats().fanout_slices == slices {
+        let Some(t) = w.sfu.poll_transmit() else {
+            break;
+        };
+        sent.push(t);
+    }
+    assert!(w.sfu.fan_out_paused(), "the fan-out paused");
+    // Frame 11 comes in now, before the driver takes the rest of frame 10.
+    w.write_frame(p, None, 11, false, FRAME_BYTES);
+    let rtp = w.take_rtp(p);
+    for (src, dst, d) in &rtp {
+        assert!(w.sfu.is_publisher_media(*src, *dst, d));
+        assert!(w.sfu.handle_datagram(w.now, *src, *dst, d));
+    }
+    assert_eq!(
+        w.sfu.stats().controller_early,
+        rtp.len() as u64,
+        "every packet of frame 11 went to the controller at once"
+    );
+    let from = sent.len();
+    while let Some(t) = w.sfu.poll_transmit() {
+        sent.push(t);
+    }
+    let is_rtp = |c: &[u8]| c.len() > 12 && c[0] >> 6 == 2 && !(192..=223).contains(&c[1]);
+    let to = |addr| {
+        sent[from..]
+            .iter()
+            .enumerate()
+            .filter(move |(_, t)| t.destination == addr && is_rtp(&t.contents))
+            .map(|(i, _)| i)
+    };
+    let ctl_last = to(w.clients[ctl].addr)
+        .max()
+        .expect("the controller got frame 11");
+    let last_first = to(w.clients[last].addr)
+        .min()
+        .expect("the last viewer got frame 10");
+    assert!(
+        ctl_last < last_first,
+        "the controller had frame 11 ({ctl_last}) before the last viewer had frame 10 ({last_first})"
+    );
+    for t in &sent {
+        w.deliver(t);
+    }
+    w.advance(Duration::from_millis(33));
+    frames(&mut w, p, 12..20);
+    w.advance(Duration::from_millis(300));
+    for &v in &viewers {
+        let f = &w.clients[v].frames;
+        assert_eq!(f.len(), 20, "viewer {v} got {} frames", f.len());
+        assert_in_order(f, v);
+    }
+}
