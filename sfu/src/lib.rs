@@ -269,10 +269,6 @@ pub struct Sfu {
     pending: Vec<PendingRtp>,
     /// Where a fan-out that [`Sfu::poll_transmit`] paused stands.
     fan_at: FanCursor,
-    /// Set while a publisher's media datagram is taken in during a paused fan-out
-    /// ([`Sfu::handle_datagram`]): its packets queue behind the paused run instead
-    /// of completing it first.
-    preempting: bool,
     /// Deadlines of held frames ([`gather`]), with their room and layer; stale
     /// entries are skipped.
     hold_timers: BinaryHeap<Reverse<(Instant, (Key, usize))>>,
@@ -320,7 +316,6 @@ impl Sfu {
             dead: Vec::new(),
             pending: Vec::new(),
             fan_at: FanCursor::default(),
-            preempting: false,
             hold_timers: BinaryHeap::new(),
             departed: Vec::new(),
             arrival_hint: None,
@@ -785,10 +780,6 @@ impl Sfu {
 
     /// Feeds one received UDP datagram. Returns false if no peer took it
     /// (unknown source, malformed), which the driver counts and drops.
-    ///
-    /// A publisher's media that comes in while a fan-out is half done
-    /// ([`Sfu::fan_out_paused`]) does not wait for it: its packets reach the room's
-    /// controller at once, and the other viewers after the paused fan-out.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -796,52 +787,7 @@ impl Sfu {
         destination: SocketAddr,
         data: &[u8],
     ) -> bool {
-        if !(self.fan_at.paused() && self.is_publisher_media(source, destination, data)) {
-            self.enter(now);
-            return self.receive(now, source, destination, data);
-        }
-        if self.last_now.is_none_or(|t| now > t) {
-            self.last_now = Some(now);
-        }
-        let from = self.pending.len();
-        self.preempting = true;
-        let taken = self.receive(now, source, destination, data);
-        self.preempting = false;
-        self.serve_controller_early(now, from);
-        taken
-    }
-
-    /// A fan-out is half done: [`Sfu::poll_transmit`] sends it in slices. A driver
-    /// that reads its socket between slices may hand in a publisher's media now
-    /// ([`Sfu::is_publisher_media`]); anything else completes the fan-out first.
-    pub fn fan_out_paused(&self) -> bool {
-        self.fan_at.paused()
-    }
-
-    /// The datagram is RTP from a known publisher's address: what
-    /// [`Sfu::handle_datagram`] takes without completing a paused fan-out.
-    pub fn is_publisher_media(
-        &self,
-        source: SocketAddr,
-        destination: SocketAddr,
-        data: &[u8],
-    ) -> bool {
-        // RTP: version 2, and not RTCP (whose second byte is its type, 192-223).
-        let rtp = data.len() >= 12 && data[0] >> 6 == 2 && !(192..=223).contains(&data[1]);
-        rtp && self
-            .by_addr
-            .get(&(source, destination))
-            .and_then(|k| self.peers.get(*k))
-            .is_some_and(|p| p.role == Role::Publisher)
-    }
-
-    fn receive(
-        &mut self,
-        now: Instant,
-        source: SocketAddr,
-        destination: SocketAddr,
-        data: &[u8],
-    ) -> bool {
+        self.enter(now);
         let is_stun = stun::is_stun(data);
         let bound = self.by_addr.get(&(source, destination)).copied();
         // A STUN request names its session (the ufrag in USERNAME), and the name wins
@@ -1445,7 +1391,6 @@ impl Sfu {
                 pushed,
                 cp,
                 arrived: self.arrival_hint.filter(|t| *t <= now).unwrap_or(now),
-                controller_done: false,
             },
         );
     }
@@ -1453,7 +1398,7 @@ impl Sfu {
     /// Queues a room's packet for the next viewer-major [`Sfu::fan_out`], or holds
     /// it with its room until its video frame is whole ([`gather`]).
     fn queue_fan_out(&mut self, now: Instant, pk: PendingRtp) {
-        if self.fan_at.paused() && !self.preempting {
+        if self.fan_at.paused() {
             // A packet joining a half-sent run would miss the viewers already served.
             self.fan_out(now, usize::MAX);
         }
@@ -1544,22 +1489,15 @@ impl Sfu {
                 break;
             };
             let room = first.room;
-            // A run resumed keeps its end: packets queued since it paused are a run
-            // of their own (the viewers it already served would miss them).
-            let len = if fan_at.viewer > 0 && fan_at.end > start && fan_at.end <= pending.len() {
-                fan_at.end - start
-            } else {
-                pending[start..]
-                    .iter()
-                    .position(|p| p.room != room)
-                    .unwrap_or(pending.len() - start)
-            };
+            let len = pending[start..]
+                .iter()
+                .position(|p| p.room != room)
+                .unwrap_or(pending.len() - start);
             let run = &pending[start..start + len];
             if let Some(r) = rooms.get(room) {
                 while let Some(&vk) = r.viewers.get(fan_at.viewer) {
                     if spent >= budget {
                         cx.stats.fanout_slices += 1;
-                        fan_at.end = start + len;
                         dirty.extend(controller);
                         return;
                     }
@@ -1588,18 +1526,14 @@ impl Sfu {
                     if !v.connected {
                         continue;
                     }
-                    let is_controller = r.controller == Some(vk);
                     let mut queued = false;
                     for pk in run {
-                        if is_controller && pk.controller_done {
-                            continue;
-                        }
                         queued |= deliver(r, v, pk, tuning, now, cx);
                     }
                     spent += run.len();
                     if queued && !v.dirty {
                         v.dirty = true;
-                        if is_controller {
+                        if r.controller == Some(vk) {
                             controller = Some(vk);
                         } else {
                             dirty.push(vk);
@@ -1611,7 +1545,6 @@ impl Sfu {
             *fan_at = FanCursor {
                 run: start + len,
                 viewer: 0,
-                end: 0,
             };
         }
         // Every viewer has them: their fan-out delay ends with the driver's next send.
@@ -1624,61 +1557,6 @@ impl Sfu {
         }
         pending.clear();
         *fan_at = FanCursor::default();
-    }
-
-    /// Serves the packets queued at `pending[from..]` (during a paused fan-out) to
-    /// their room's controller now, ahead of the rest of the paused fan-out, where
-    /// the controller already has every earlier packet of its room: the paused run
-    /// is its room's and has passed it (it is first), and no packet of its room
-    /// queued since waits for it. The fan-out skips it for these later.
-    fn serve_controller_early(&mut self, now: Instant, from: usize) {
-        if !self.fan_at.paused() || self.fan_at.viewer == 0 {
-            return;
-        }
-        let tuning = self.tuning();
-        let Sfu {
-            peers,
-            rooms,
-            stats,
-            dirty,
-            pending,
-            fan_at,
-            pool,
-            ..
-        } = self;
-        let Some(paused_room) = pending.get(fan_at.run).map(|p| p.room) else {
-            return;
-        };
-        let end = fan_at.end.max(fan_at.run + 1);
-        let cx = &mut Cx { stats, pool };
-        for i in from.max(end)..pending.len() {
-            let room = pending[i].room;
-            if room != paused_room
-                || pending[end..i]
-                    .iter()
-                    .any(|p| p.room == room && !p.controller_done)
-            {
-                continue;
-            }
-            let (Some(r), Some(pk)) = (rooms.get(room), pending.get(i)) else {
-                continue;
-            };
-            let Some(ck) = r.controller else {
-                continue;
-            };
-            let Some(v) = peers.get_mut(ck).filter(|v| v.connected) else {
-                continue;
-            };
-            let queued = deliver(r, v, pk, tuning, now, cx);
-            if queued && !v.dirty {
-                v.dirty = true;
-                dirty.push(ck);
-            }
-            cx.stats.controller_early += 1;
-            if let Some(pk) = pending.get_mut(i) {
-                pk.controller_done = true;
-            }
-        }
     }
 
     /// A direct-path viewer lost packets: resend them from the room's cache, the
@@ -2097,19 +1975,14 @@ pub(crate) struct PendingRtp {
     /// When it reached this core (the kernel's stamp when the driver gave one,
     /// [`Sfu::arrived_at`]): its fan-out delay counts from here.
     arrived: Instant,
-    /// The room's controller has it already: it came in while an earlier fan-out
-    /// was half done and was served to the controller at once ([`Sfu::serve_controller_early`]).
-    controller_done: bool,
 }
 
 /// Where a paused fan-out goes on: the first pending packet of the room run being
-/// sent, that room's next viewer, and the end of the run (packets queued while it
-/// is paused start a run of their own: the viewers already served would miss them).
+/// sent, and that room's next viewer.
 #[derive(Debug, Default, Clone, Copy)]
 struct FanCursor {
     run: usize,
     viewer: usize,
-    end: usize,
 }
 
 impl FanCursor {

@@ -261,7 +261,6 @@ impl Sfu {
                     pushed,
                     cp: fp.cp.clone(),
                     arrived: feed.received_at.min(now),
-                    controller_done: false,
                 },
             );
         }

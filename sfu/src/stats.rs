@@ -83,9 +83,6 @@ pub struct SfuStats {
     /// Fan-outs paused after one slice to let the driver send (a batch to more
     /// viewers than one slice covers), to go on at the next poll.
     pub fanout_slices: u64,
-    /// Packets served to their room's controller as they came in, while a fan-out
-    /// was half done, instead of after it ([`crate::Sfu::handle_datagram`]).
-    pub controller_early: u64,
     /// Addresses a new session took over from another (stale) one that still held
     /// them: a NAT reusing a port, a client restarting within the ICE timeout.
     pub address_takeovers: u64,
@@ -155,7 +152,6 @@ impl SfuStats {
             resends_capped,
             dropped_duplicate,
             fanout_slices,
-            controller_early,
             address_takeovers,
             feed_packets_out,
             feed_packets_in,

@@ -58,7 +58,7 @@ impl Metrics {
         if let Ok(s) = shared.stats.lock() {
             let c = |name: &'static str, v: u64| counter!(name).absolute(v);
             // The SFU cores' counters (added over the media threads).
-            let core: [(&'static str, u64); 39] = [
+            let core: [(&'static str, u64); 38] = [
                 ("edgerelay_datagrams_in_total", s.datagrams_in),
                 ("edgerelay_bytes_in_total", s.bytes_in),
                 ("edgerelay_datagrams_out_total", s.datagrams_out),
@@ -89,10 +89,6 @@ impl Metrics {
                 ("edgerelay_packets_replayed_total", s.packets_replayed),
                 ("edgerelay_replay_slices_total", s.replay_slices),
                 ("edgerelay_fanout_slices_total", s.fanout_slices),
-                (
-                    "edgerelay_fanout_controller_early_total",
-                    s.controller_early,
-                ),
                 ("edgerelay_gather_frames_total", s.frames_gathered),
                 ("edgerelay_gather_expired_total", s.gather_expired),
                 ("edgerelay_gather_cut_total", s.gather_cut),
