@@ -162,11 +162,14 @@ mod tests {
         t0 + Duration::from_millis(n)
     }
 
+    /// A start time, an empty hold and its output.
+    fn fresh<T>() -> (Instant, FrameHold<T>, Vec<T>) {
+        (Instant::now(), FrameHold::default(), Vec::new())
+    }
+
     #[test]
     fn a_frame_leaves_whole_with_its_marker() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         assert_eq!(
             h.offer(t0, W, 90, false, 1, &mut out),
             Offer::Held(Some(ms(t0, 20)))
@@ -189,9 +192,7 @@ mod tests {
 
     #[test]
     fn the_deadline_releases_a_paced_tail_in_chunks() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         let Offer::Held(Some(d)) = h.offer(t0, W, 90, false, 1, &mut out) else {
             panic!("not held");
         };
@@ -215,9 +216,7 @@ mod tests {
 
     #[test]
     fn a_frame_without_its_marker_is_cut_and_holding_stops_for_a_while() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         h.offer(t0, W, 90, false, 1, &mut out);
         assert_eq!(h.offer(ms(t0, 5), W, 180, false, 2, &mut out), Offer::Cut);
         assert_eq!(out, [1, 2]);
@@ -235,9 +234,7 @@ mod tests {
 
     #[test]
     fn a_resend_of_an_earlier_frame_passes_and_the_hold_stays() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         h.offer(t0, W, 3000, false, 1, &mut out);
         assert_eq!(h.offer(t0, W, 0, false, 2, &mut out), Offer::Passed);
         assert_eq!(out, [2]);
@@ -255,9 +252,7 @@ mod tests {
 
     #[test]
     fn a_full_hold_is_released() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         for i in 0..MAX_HELD - 1 {
             assert!(matches!(
                 h.offer(t0, W, 90, false, i, &mut out),
@@ -283,9 +278,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out: Vec<(u32, usize)> = Vec::new();
+        let (t0, mut h, mut out) = fresh::<(u32, usize)>();
         let (mut now, mut ts, mut id) = (t0, 0u32, 0usize);
         let mut offered = Vec::new();
         for _ in 0..20_000 {
@@ -329,9 +322,7 @@ mod tests {
 
     #[test]
     fn a_zero_window_holds_nothing() {
-        let t0 = Instant::now();
-        let mut h = FrameHold::default();
-        let mut out = Vec::new();
+        let (t0, mut h, mut out) = fresh();
         assert_eq!(
             h.offer(t0, Duration::ZERO, 90, false, 1, &mut out),
             Offer::Passed

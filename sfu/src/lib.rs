@@ -1403,9 +1403,10 @@ impl Sfu {
             self.fan_out(now, usize::MAX);
         }
         let (room, layer) = (pk.room, pk.layer);
-        let hold = match self.rooms.get_mut(room) {
-            Some(r) if pk.track == VIDEO => r.tracks[VIDEO].layers.get_mut(layer),
-            _ => None,
+        let hold = if pk.track == VIDEO {
+            held_layer(&mut self.rooms, room, layer)
+        } else {
+            None
         };
         match hold {
             Some(l) => {
@@ -1425,27 +1426,30 @@ impl Sfu {
             }
             _ => self.pending.push(pk),
         }
-        if self.pending.len() >= MAX_PENDING {
-            self.fan_out(now, usize::MAX);
-        }
+        self.fan_out_if_full(now);
     }
 
-    /// Releases the held frames whose deadline has come.
+    /// Releases the held frames whose deadline has come. Called after `enter`:
+    /// no fan-out is half done, so the released packets cannot join a half-sent run.
     fn expire_holds(&mut self, now: Instant) {
+        debug_assert!(!self.fan_at.paused());
         while let Some(&Reverse((t, (rk, layer)))) = self.hold_timers.peek() {
             if t > now {
                 break;
             }
             self.hold_timers.pop();
-            if self.fan_at.paused() {
-                self.fan_out(now, usize::MAX);
-            }
             if let Some(l) = held_layer(&mut self.rooms, rk, layer) {
                 if l.hold.expire(now, t, &mut self.pending) {
                     self.stats.gather_expired += 1;
                 }
             }
         }
+        self.fan_out_if_full(now);
+    }
+
+    /// Fans out at once when [`MAX_PENDING`] packets wait (a driver that feeds
+    /// many without polling).
+    fn fan_out_if_full(&mut self, now: Instant) {
         if self.pending.len() >= MAX_PENDING {
             self.fan_out(now, usize::MAX);
         }
